@@ -1,0 +1,149 @@
+"""RecBole ``Config`` with the plugin's model lookup, shared protocol and input checks.
+
+Layering, lowest to highest priority (RecBole's own order, plus two plugin layers):
+RecBole defaults < ``properties/overall.yaml`` (shared protocol) < ``properties/dataset/<dataset>.yaml``
+< ``properties/model/<model>.yaml`` < config files < ``config_dict`` < command line.
+"""
+import os
+from pathlib import Path
+
+import torch
+from recbole.config.configurator import Config as RecBoleConfig
+
+from recbole_genrec.utils import GenRecError, get_model
+
+PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
+
+# Keys whose type is fixed by the protocol even when RecBole's default is None.
+_TYPES_OF_NONE_DEFAULTS = {"MAX_ITEM_LIST_LENGTH": int}
+
+
+def parse_cmd_args(args):
+    """``['--k=v', ...]`` -> ``{'k': 'v'}``; anything else is a one-line error."""
+    parsed = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise GenRecError(f"unrecognised argument {arg!r}: pass settings as --key=value")
+        key, value = arg[2:].split("=", 1)
+        if key in parsed and parsed[key] != value:
+            raise GenRecError(f"--{key} is given twice with different values; keep one")
+        parsed[key] = value
+    return parsed
+
+
+class Config(RecBoleConfig):
+    """RecBole's ``Config`` that
+
+    * finds plugin models first (``TIGER++``, ``SODA-T`` are accepted as typed);
+    * applies ``properties/overall.yaml`` to every model, stock or plugin, so numbers are comparable;
+    * reads the command line only when given ``cmd_args`` (library calls, pytest and Ray workers
+      never have their ``sys.argv`` parsed);
+    * leaves a ``CUDA_VISIBLE_DEVICES`` set by the user or by Ray alone and honours ``device``;
+    * rejects config values of the wrong type with a one-line message.
+    """
+
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
+        self._cmd_args = list(cmd_args) if cmd_args is not None else []
+        for path in config_file_list or []:
+            if not os.path.isfile(path):
+                raise GenRecError(f"config file {path!r} not found: check --config_files")
+        super().__init__(model, dataset, config_file_list, config_dict)
+        self._check_types()
+        self._check_protocol()
+
+    # ---- RecBole hooks -------------------------------------------------------------------
+    def compatibility_settings(self):
+        # RecBole aliases removed numpy names (np.float = np.float_); numpy<2 is pinned, keep it harmless.
+        try:
+            super().compatibility_settings()
+        except AttributeError:  # numpy 2: nothing to alias, nothing in RecBole 1.2.1's path needs them
+            pass
+
+    def _load_cmd_line(self):
+        return self._convert_config_dict(parse_cmd_args(self._cmd_args))
+
+    def _get_model_and_dataset(self, model, dataset):
+        model = model if model is not None else self.external_config_dict.get("model")
+        dataset = dataset if dataset is not None else self.external_config_dict.get("dataset")
+        if model is None:
+            raise GenRecError("no model given: pass --model=NAME (e.g. --model=SASRec)")
+        if dataset is None:
+            raise GenRecError("no dataset given: pass --dataset=NAME (e.g. --dataset=ml-100k)")
+        if isinstance(model, str):
+            model_class = get_model(model)
+        else:
+            model_class, model = model, model.__name__
+        return model, model_class, dataset
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        self.internal_config_dict.pop("model", None)
+        for path in (
+            PROPERTIES_DIR / "overall.yaml",
+            PROPERTIES_DIR / "dataset" / f"{dataset}.yaml",
+            PROPERTIES_DIR / "model" / f"{model}.yaml",
+        ):
+            if path.is_file():
+                self._update_internal_config_dict(str(path))
+
+    def _set_default_parameters(self):
+        # RecBole refuses CE-loss models (SASRec's default) unless negative sampling is switched off
+        # by hand; the protocol ranks over all items, so switch it off unless the user set it.
+        final = self.final_config_dict
+        if final.get("loss_type") == "CE" and "train_neg_sample_args" not in self.external_config_dict:
+            final["train_neg_sample_args"] = None
+        super()._set_default_parameters()
+
+    def _init_device(self):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        user_gpu = "gpu_id" in self.external_config_dict
+        if visible is not None and not user_gpu:
+            # RecBole would overwrite CUDA_VISIBLE_DEVICES with its default gpu_id '0'.
+            self.final_config_dict["gpu_id"] = visible
+        super()._init_device()
+        requested = self.external_config_dict.get("device")
+        if requested is None:
+            requested = "cuda" if self.final_config_dict.get("use_gpu", True) else "cpu"
+            if requested == "cuda" and not torch.cuda.is_available():
+                requested = "cpu"
+        if not isinstance(requested, (str, torch.device)):
+            raise GenRecError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {requested!r}")
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise GenRecError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {requested!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise GenRecError("--device=cuda was asked for but no CUDA GPU is visible: use --device=cpu")
+        self.final_config_dict["device"] = device
+
+    # ---- checks ---------------------------------------------------------------------------
+    def _check_types(self):
+        """A user value must have the type of the default it overrides (ints may stand for floats)."""
+        for key, value in self.external_config_dict.items():
+            default = self.internal_config_dict.get(key)
+            expected = type(default) if default is not None else _TYPES_OF_NONE_DEFAULTS.get(key)
+            if expected is None or value is None or key in ("device",):
+                continue
+            ok = isinstance(value, expected)
+            if expected is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif expected is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif expected is bool:
+                ok = isinstance(value, bool)
+            elif expected in (list, tuple):
+                ok = isinstance(value, (list, tuple))
+            if not ok:
+                raise GenRecError(
+                    f"config key {key!r} expects {expected.__name__} (default {default!r}), "
+                    f"got {type(value).__name__} {value!r}: change its value"
+                )
+
+    def _check_protocol(self):
+        metric, _, k = str(self["valid_metric"]).partition("@")
+        metrics = [m.lower() for m in self["metrics"]]
+        if metric.lower() not in metrics or (k and int(k) not in self["topk"]):
+            raise GenRecError(
+                f"valid_metric {self['valid_metric']!r} is not among metrics {self['metrics']} at topk "
+                f"{self['topk']}: add it there or choose another valid_metric"
+            )

@@ -1,0 +1,9 @@
+"""Plugin models, by the name a user types (``--model=NAME``), as ``module:Class``.
+
+Imports are lazy so that ``--model=SASRec`` never pays for transformers or sentence-transformers.
+A new model adds one line here, its file under ``recbole_genrec/model/`` and its yaml under
+``properties/model/``.
+"""
+
+MODEL_REGISTRY = {
+}

@@ -1,0 +1,158 @@
+"""Entry points: one run path (config -> dataset -> dataloaders -> model -> trainer -> result JSON)
+that serves stock RecBole models and plugin models alike.
+
+``python run_recbole_genrec.py --model=NAME --dataset=NAME [--config_files="a.yaml b.yaml"] [--k=v ...]``
+or ``from recbole_genrec.quick_start import run_recbole_genrec``.
+"""
+import logging
+import os
+import resource
+import sys
+import time
+import uuid
+from logging import getLogger
+from pathlib import Path
+
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_logger, init_seed, set_color
+
+from recbole_genrec.config import Config, parse_cmd_args
+from recbole_genrec.utils import GenRecError, atomic_write_json, get_trainer, to_jsonable
+
+
+def load_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
+    """Build the layered :class:`~recbole_genrec.config.Config` (see its docstring for the order)."""
+    return Config(model=model, dataset=dataset, config_file_list=config_file_list,
+                  config_dict=config_dict, cmd_args=cmd_args)
+
+
+def check_dataset_files(config):
+    """A missing dataset folder or ``.inter`` file is a one-line error, not a RecBole traceback."""
+    folder = Path(config["data_path"])
+    inter = folder / f"{config['dataset']}.inter"
+    if not folder.is_dir():
+        raise GenRecError(
+            f"dataset folder {str(folder)!r} not found: put RecBole atomic files there or pass "
+            f"--data_path=DIR (the folder that contains {config['dataset']}/)"
+        )
+    if not inter.is_file():
+        raise GenRecError(f"{str(inter)!r} not found: a RecBole dataset needs {inter.name} in {folder}")
+
+
+def prepare_data(config):
+    """Filter and split the dataset once; returns ``(dataset, train, valid, test)`` dataloaders."""
+    check_dataset_files(config)
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    return dataset, train_data, valid_data, test_data
+
+
+def build_model_and_trainer(config, train_data):
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = config.model_class(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config.model_class, config)(config, model)
+    return model, trainer
+
+
+def peak_memory():
+    """Peak resident memory of this process (MiB) and peak CUDA memory (MiB, 0 on CPU)."""
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    cuda_mib = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    return {"peak_rss_mib": round(rss_mib, 1), "peak_cuda_mib": round(cuda_mib, 1)}
+
+
+def default_result_path(config):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{config['model']}-{config['dataset']}-seed{config['seed']}-{stamp}-{uuid.uuid4().hex[:6]}.json"
+    return Path(config["results_dir"]) / name
+
+
+def run_recbole_genrec(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True,
+                       cmd_args=None, result_file=None, prepared=None, epoch_callback=None):
+    """Train, validate (early stopping) and test one model; write and return the result record.
+
+    Args:
+        cmd_args: ``['--k=v', ...]`` read as the command line (``None``: the command line is not read).
+        result_file: where the JSON goes (default ``results_dir/<model>-<dataset>-seed<seed>-<time>.json``).
+        prepared: ``(config, dataset, train, valid, test)`` already built (hyperparameter search reuses it).
+        epoch_callback: ``f(epoch_idx, valid_result)`` after every validation (Ray Tune reports here).
+    """
+    if prepared is None:
+        config = load_config(model, dataset, config_file_list, config_dict, cmd_args)
+        init_logger(config)
+        logger = getLogger()
+        logger.info(config)
+        start = time.perf_counter()
+        dataset_obj, train_data, valid_data, test_data = prepare_data(config)
+        data_seconds = time.perf_counter() - start
+        logger.info(dataset_obj)
+    else:
+        config, dataset_obj, train_data, valid_data, test_data = prepared
+        logger, data_seconds = getLogger(), 0.0
+
+    start = time.perf_counter()
+    model_obj, trainer = build_model_and_trainer(config, train_data)
+    setup_seconds = time.perf_counter() - start
+    logger.info(model_obj)
+
+    callback = None
+    if epoch_callback is not None:
+        callback = lambda epoch_idx, valid_score: epoch_callback(epoch_idx, trainer.last_valid_result)  # noqa: E731
+    start = time.perf_counter()
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback
+    )
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    test_seconds = time.perf_counter() - start
+
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    record = {
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "seed": config["seed"],
+        "best_valid_score": best_valid_score,
+        "best_valid_result": dict(best_valid_result or {}),
+        "test_result": dict(test_result or {}),
+        "timings": {
+            "data_prep_seconds": data_seconds,
+            "model_setup_seconds": setup_seconds,
+            "fit_seconds": fit_seconds,
+            "epochs_trained": len(trainer.timings["train_epoch_seconds"]),
+            "train_epoch_seconds": trainer.timings["train_epoch_seconds"],
+            "valid_eval_seconds": trainer.timings["valid_epoch_seconds"],
+            "test_eval_seconds": test_seconds,
+            **peak_memory(),
+        },
+        "checkpoint": trainer.saved_model_file if saved else None,
+        "extras": to_jsonable(getattr(model_obj, "result_extras", dict)()),
+        "config": to_jsonable(config.final_config_dict),
+    }
+    path = Path(result_file) if result_file else default_result_path(config)
+    atomic_write_json(path, record)
+    record["result_file"] = str(path.resolve())
+    logger.info(set_color("result file", "green") + f": {record['result_file']}")
+    return record
+
+
+def main(argv=None):
+    """``run_recbole_genrec.py`` CLI; exit 0 on success, 2 with a one-line error on bad input."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_cmd_args(argv)
+        config_files = args.pop("config_files", "").split() or None
+        result_file = args.pop("result_file", None)
+        model, dataset = args.pop("model", None), args.pop("dataset", None)
+        record = run_recbole_genrec(model=model, dataset=dataset, config_file_list=config_files,
+                                    cmd_args=[f"--{k}={v}" for k, v in args.items()], result_file=result_file)
+    except GenRecError as err:
+        logging.shutdown()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"test result: {record['test_result']}")
+    print(f"result file: {record['result_file']}")
+    return 0

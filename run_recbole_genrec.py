@@ -1,0 +1,7 @@
+"""python run_recbole_genrec.py --model=NAME --dataset=NAME [--config_files="a.yaml b.yaml"] [--key=value ...]"""
+import sys
+
+from recbole_genrec.quick_start import main
+
+if __name__ == "__main__":
+    sys.exit(main())
