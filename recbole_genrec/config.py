@@ -47,7 +47,12 @@ class Config(RecBoleConfig):
         for path in config_file_list or []:
             if not os.path.isfile(path):
                 raise GenRecError(f"config file {path!r} not found: check --config_files")
+        # Plugin metrics (HeadHit, Coverage, PrefixMatch, ...) must be known before RecBole checks `metrics`.
+        from recbole_genrec.evaluator.metrics import register_metrics
+
+        register_metrics()
         super().__init__(model, dataset, config_file_list, config_dict)
+        torch.autograd.set_detect_anomaly(bool(self.final_config_dict.get("detect_anomaly", False)))
         self._check_types()
         self._check_protocol()
 
@@ -80,6 +85,7 @@ class Config(RecBoleConfig):
         self.internal_config_dict.pop("model", None)
         for path in (
             PROPERTIES_DIR / "overall.yaml",
+            PROPERTIES_DIR / "semantic_ids.yaml",
             PROPERTIES_DIR / "dataset" / f"{dataset}.yaml",
             PROPERTIES_DIR / "model" / f"{model}.yaml",
         ):

@@ -6,4 +6,6 @@ A new model adds one line here, its file under ``recbole_genrec/model/`` and its
 """
 
 MODEL_REGISTRY = {
+    "TIGER": "recbole_genrec.model.tiger:TIGER",
+    "SimGR": "recbole_genrec.model.simgr:SimGR",
 }

@@ -1,0 +1,122 @@
+"""Multi-seed TIGER runs, with the semantic IDs exported once (for machines without the text encoder).
+
+    # here (has the text encoder): build and export the semantic IDs of each seed
+    python benchmarks/tiger_seeds.py export --dataset=ml-100k --seeds=2020,2021,2022 --out=shared_ids
+    # anywhere (e.g. the GPU machine): train each seed through run_recbole_genrec, in parallel processes
+    python benchmarks/tiger_seeds.py run --dataset=ml-100k --seeds=2020,2021,2022 --ids=shared_ids \
+        --results=results/seeds [--key=value ...]
+    python benchmarks/tiger_seeds.py summary results/seeds/*.json
+
+``run`` is exactly ``python run_recbole_genrec.py --model=TIGER --dataset=... --seed=S``, except that
+TIGER's semantic IDs are read from the exported file of seed ``S`` (the same codes
+``build_semantic_ids`` made for that seed) instead of being rebuilt from item text.
+"""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def export(dataset, seeds, out):
+    from safetensors.torch import save_file
+
+    from recbole_genrec.data.semantic_ids import build_semantic_ids
+    from recbole_genrec.quick_start import load_config, prepare_data
+
+    os.makedirs(out, exist_ok=True)
+    for seed in seeds:
+        config = load_config("TIGER", dataset, config_dict={"seed": seed, "state": "WARNING", "device": "cpu"})
+        ds, *_ = prepare_data(config)
+        sids = build_semantic_ids(config, ds)
+        base = os.path.join(out, f"{dataset}-seed{seed}")
+        save_file({"codes": sids.codes.contiguous()}, base + ".safetensors")
+        with open(base + ".json", "w") as f:
+            json.dump({"codebook_sizes": list(sids.codebook_sizes), "report": _plain(sids.report)}, f)
+        print(f"exported {base} codes {list(sids.codes.shape)}", flush=True)
+
+
+def _plain(obj):
+    from recbole_genrec.utils import to_jsonable
+
+    return to_jsonable(obj)
+
+
+def exported_loader(ids_dir):
+    from safetensors.torch import load_file
+
+    from recbole_genrec.tokenizer.trie import PrefixTrie
+
+    def load(config, dataset):
+        base = os.path.join(ids_dir, f"{config['dataset']}-seed{config['seed']}")
+        codes = load_file(base + ".safetensors")["codes"]
+        meta = json.load(open(base + ".json"))
+        sizes = meta["codebook_sizes"]
+        trie = PrefixTrie.from_codes(codes[1:], torch.arange(1, codes.shape[0]), sizes)
+        return types.SimpleNamespace(codes=codes, codebook_sizes=sizes, num_layers=codes.shape[1],
+                                     embeddings=None, report=dict(meta["report"], exported_from=base), trie=trie)
+
+    return load
+
+
+def run_one(dataset, seed, ids_dir, result_file, extra):
+    from recbole_genrec.model import tiger
+    from recbole_genrec.quick_start import main
+
+    tiger.load_semantic_ids = exported_loader(ids_dir)
+    return main([f"--model=TIGER", f"--dataset={dataset}", f"--seed={seed}", f"--result_file={result_file}",
+                 *extra])
+
+
+def summary(files):
+    rows = [json.load(open(f)) for f in files]
+    keys = ["hit@10", "ndcg@10", "hit@5", "ndcg@5", "hit@20", "recall@10", "mrr@10"]
+    out = {"seeds": [r["seed"] for r in rows], "epochs": [r["timings"]["epochs_trained"] for r in rows],
+           "fit_seconds": [round(r["timings"]["fit_seconds"], 1) for r in rows]}
+    for k in keys:
+        vals = torch.tensor([float(r["test_result"][k]) for r in rows if k in r["test_result"]])
+        if len(vals):
+            out[k] = {"mean": vals.mean().item(), "std": vals.std().item() if len(vals) > 1 else 0.0,
+                      "min": vals.min().item(), "max": vals.max().item(), "values": vals.tolist()}
+    print(json.dumps(out, indent=2))
+    return out
+
+
+def main():
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "summary":
+        summary(args)
+        return 0
+    opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    dataset = opts.pop("dataset", "ml-100k")
+    seeds = [int(s) for s in opts.pop("seeds", "2020,2021,2022").split(",")]
+    if mode == "export":
+        export(dataset, seeds, opts.pop("out", "shared_ids"))
+        return 0
+    if mode == "run_one":
+        seed = int(opts.pop("seed"))
+        ids_dir, result = opts.pop("ids"), opts.pop("result_file")
+        return run_one(dataset, seed, ids_dir, result, [f"--{k}={v}" for k, v in opts.items()])
+    if mode == "run":
+        ids_dir, results = opts.pop("ids", "shared_ids"), opts.pop("results", "results/seeds")
+        os.makedirs(results, exist_ok=True)
+        procs = []
+        for seed in seeds:
+            cmd = [sys.executable, __file__, "run_one", f"--dataset={dataset}", f"--seed={seed}", f"--ids={ids_dir}",
+                   f"--result_file={results}/TIGER-{dataset}-seed{seed}.json",
+                   *[f"--{k}={v}" for k, v in opts.items()]]
+            log = open(f"{results}/TIGER-{dataset}-seed{seed}.log", "w")
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        codes = [p.wait() for p in procs]
+        files = [f"{results}/TIGER-{dataset}-seed{s}.json" for s in seeds]
+        summary([f for f in files if os.path.exists(f)])
+        return max(codes)
+    raise SystemExit(f"unknown mode {mode!r}: export | run | run_one | summary")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The one tokenizer interface, and k-means in torch shared by all tokenizers.
+
+A tokenizer maps item embeddings ``[n, d]`` to codes ``[n, L]`` (``fit``), and keeps per layer the soft
+assignment probabilities ``p_l(k | x) = softmax_k(-||r_l(x) - c_{l,k}||^2 / T_l)`` where ``r_l`` is the
+vector quantised at layer ``l`` and ``T_l`` that layer's mean squared quantisation error (a scale-free
+temperature).
+"""
+import torch
+
+_CHUNK_ELEMS = 2**24  # distance matrix chunk: 16M floats (64 MB)
+
+
+def sq_distances(x, c):
+    """``||x_i - c_k||^2`` for all pairs, ``[n, K]`` (clamped at 0)."""
+    return ((x * x).sum(1, keepdim=True) - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]).clamp_min_(0.0)
+
+
+def nearest(x, c, chunk=None):
+    """``(argmin_k, min_k)`` of ``||x_i - c_k||^2`` in row chunks, so ``[n, K]`` is never held at once."""
+    chunk = chunk or max(1, _CHUNK_ELEMS // max(1, c.shape[0]))
+    idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    c_sq = (c * c).sum(1)
+    for s in range(0, x.shape[0], chunk):
+        xb = x[s:s + chunk]
+        d = (xb * xb).sum(1, keepdim=True) - 2.0 * (xb @ c.T) + c_sq[None, :]
+        dist[s:s + chunk], idx[s:s + chunk] = d.min(1)
+    return idx, dist.clamp_min_(0.0)
+
+
+def soft_assign(x, c, temperature, chunk=None):
+    """``softmax(-||x - c_k||^2 / T)`` over the codebook, ``[n, K]``."""
+    chunk = chunk or max(1, _CHUNK_ELEMS // max(1, c.shape[0]))
+    t = max(float(temperature), 1e-12)
+    return torch.cat([torch.softmax(-sq_distances(x[s:s + chunk], c) / t, dim=1)
+                      for s in range(0, x.shape[0], chunk)]) if x.shape[0] else x.new_zeros(0, c.shape[0])
+
+
+def kmeans_pp_init(x, k, generator, max_sample=20000):
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) on a random subsample of at most ``max_sample`` rows."""
+    n = x.shape[0]
+    if n > max_sample:
+        x = x[torch.randperm(n, generator=generator, device="cpu")[:max_sample].to(x.device)]
+        n = max_sample
+    centers = x.new_empty(k, x.shape[1])
+    first = int(torch.randint(n, (1,), generator=generator))
+    centers[0] = x[first]
+    d2 = ((x - centers[0]) ** 2).sum(1)
+    for j in range(1, k):
+        total = float(d2.sum())
+        if total <= 0:  # fewer distinct points than k: repeat a point (later rows never win argmin ties)
+            centers[j:] = centers[0]
+            break
+        pick = int(torch.multinomial((d2 / total).cpu(), 1, generator=generator))
+        centers[j] = x[pick]
+        d2 = torch.minimum(d2, ((x - centers[j]) ** 2).sum(1))
+    return centers
+
+
+def kmeans(x, k, iters=30, generator=None, tol=1e-6):
+    """Lloyd's k-means in torch with k-means++ seeding and empty-cluster re-seeding.
+
+    Returns ``(centroids [k, d], assignment [n], sq_distance [n])``. Empty clusters are re-seeded at the
+    points farthest from their centroid, so every code stays in use when ``n >= k``. Deterministic given
+    ``generator`` (a seeded CPU ``torch.Generator``).
+    """
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    n, d = x.shape
+    centers = kmeans_pp_init(x, k, generator)
+    prev = None
+    for _ in range(max(1, iters)):
+        assign, dist = nearest(x, centers)
+        counts = torch.bincount(assign, minlength=k)
+        sums = x.new_zeros(k, d).index_add_(0, assign, x)
+        nonempty = counts > 0
+        centers[nonempty] = sums[nonempty] / counts[nonempty, None].to(x.dtype)
+        empty = (~nonempty).nonzero().flatten()
+        if len(empty) and n >= k:
+            far = torch.topk(dist, min(len(empty), n)).indices
+            centers[empty[:len(far)]] = x[far]
+        inertia = float(dist.sum())
+        if prev is not None and len(empty) == 0 and abs(prev - inertia) <= tol * max(prev, 1e-12):
+            break
+        prev = inertia
+    assign, dist = nearest(x, centers)
+    return centers, assign, dist
+
+
+class Tokenizer:
+    """Base class: ``fit(embeddings [n, d]) -> codes LongTensor [n, L]``.
+
+    After ``fit``: ``soft_probs`` (list of L ``[n, K_l]`` tensors, or ``None`` when ``keep_soft=False``),
+    ``codebook_sizes`` (list of L ints), ``stats`` (JSON-able dict), and
+    ``last_layer_distances(rows) -> [len(rows), K_L]`` used by collision ``reassign``.
+    """
+
+    name = "base"
+
+    def __init__(self, num_layers=3, codebook_size=256, seed=2020, device="cpu", kmeans_iters=30,
+                 keep_soft=True, **kwargs):
+        self.num_layers = int(num_layers)
+        self.codebook_size = int(codebook_size)
+        self.codebook_sizes = [self.codebook_size] * self.num_layers
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.kmeans_iters = int(kmeans_iters)
+        self.keep_soft = keep_soft
+        self.soft_probs = None
+        self.stats = {}
+        self._last_inputs = None  # the vectors quantised at the last layer, [n, d_L]
+        self._last_codebook = None  # [K_L, d_L]
+
+    def generator(self, offset=0):
+        return torch.Generator().manual_seed(self.seed + offset)
+
+    def fit(self, embeddings):
+        raise NotImplementedError
+
+    def last_layer_distances(self, rows):
+        """Squared distances from the given items' last-layer vectors to every last-layer code."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self._last_inputs.device)
+        return sq_distances(self._last_inputs[rows], self._last_codebook).cpu()
+
+    def config(self):
+        """Hyperparameters that determine the codes (part of the cache key)."""
+        return {"tokenizer": self.name, "num_codebooks": self.num_layers, "codebook_size": self.codebook_size,
+                "seed": self.seed, "kmeans_iters": self.kmeans_iters}
