@@ -1,7 +1,7 @@
 """Fit ``rqkmeans`` on N random d-dim vectors, resolve collisions, build the prefix trie; print time and peak RSS.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_rqkmeans_1m.py [--n=1000000] [--dim=64] [--layers=3]
-        [--codebook_size=256] [--iters=20] [--collision=append] [--threads=2]
+        [--codebook_size=256] [--iters=30] [--collision=append] [--threads=2]
 
 Soft assignment probabilities are not kept (``keep_soft=False``): at 1M items they alone would be 3 GB.
 """
@@ -23,7 +23,7 @@ def main():
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--codebook_size", type=int, default=256)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, default=30)
     p.add_argument("--collision", default="append", choices=["append", "reassign"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=2020)

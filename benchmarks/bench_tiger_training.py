@@ -107,7 +107,13 @@ def main():
     p.add_argument("--sasrec", action="store_true")
     p.add_argument("--loader", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--ids", default=None, help="semantic IDs exported by benchmarks/tiger_seeds.py (no text encoder)")
     args = p.parse_args()
+    if args.ids:
+        from benchmarks.tiger_seeds import exported_loader
+        from recbole_genrec.model import tiger
+
+        tiger.load_semantic_ids = exported_loader(args.ids)
     peak = matmul_peak(args.device)
     out = {"device": args.device, "threads": torch.get_num_threads(), "matmul_peak_fp32_flops_per_s": peak,
            "runs": []}

@@ -103,13 +103,15 @@ def main():
         return run_one(dataset, seed, ids_dir, result, [f"--{k}={v}" for k, v in opts.items()])
     if mode == "run":
         ids_dir, results = opts.pop("ids", "shared_ids"), opts.pop("results", "results/seeds")
+        logs = opts.pop("logs", results)
         os.makedirs(results, exist_ok=True)
+        os.makedirs(logs, exist_ok=True)
         procs = []
         for seed in seeds:
             cmd = [sys.executable, __file__, "run_one", f"--dataset={dataset}", f"--seed={seed}", f"--ids={ids_dir}",
                    f"--result_file={results}/TIGER-{dataset}-seed{seed}.json",
                    *[f"--{k}={v}" for k, v in opts.items()]]
-            log = open(f"{results}/TIGER-{dataset}-seed{seed}.log", "w")
+            log = open(f"{logs}/TIGER-{dataset}-seed{seed}.log", "w")
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
         codes = [p.wait() for p in procs]
         files = [f"{results}/TIGER-{dataset}-seed{s}.json" for s in seeds]

@@ -9,8 +9,8 @@ How a search runs:
 * the driver builds the config and prepares the dataset (filtering, splitting, semantic IDs) once;
   the dataset and the train/valid dataloaders go to the object store through ``tune.with_parameters``
   and every trial reuses them. The test dataloader never leaves the driver: trials cannot see it;
-* each trial builds its own :class:`~recbole_genrec.config.Config` (so values are type-checked and
-  derived settings follow), then trains through :func:`~recbole_genrec.quick_start.run_recbole_genrec`
+* each trial builds its own config (:class:`SnapshotConfig`: the driver's yaml layers, then the sampled
+  values, so values are type-checked and derived settings follow), then trains through :func:`~recbole_genrec.quick_start.run_recbole_genrec`
   (same protocol, same metrics) and reports the validation metrics to Tune after every validation,
   so ASHA can stop bad trials early. A trial whose values change how the data is built (see
   :data:`DATA_KEYS`) rebuilds the data in that trial; one that only changes batch sizes or negative
@@ -454,13 +454,15 @@ def run_hyper(model, dataset, params_file, config_file_list=None, config_dict=No
         raise GenRecError("--num_samples and --cpus_per_trial must be positive and --gpus_per_trial >= 0")
     space = read_search_space(params_file)
     cmd_args = list(cmd_args or [])
-    fixed = set(parse_cmd_args(cmd_args)) | set(config_dict or {})
-    clash = sorted(fixed & set(space))
+    given = parse_cmd_args(cmd_args)
+    clash = sorted((set(given) | set(config_dict or {})) & set(space))
     if clash:
         raise GenRecError(f"{clash} are both fixed and searched: drop them from the command line or from "
                           f"{Path(params_file).name}")
-    if config_dict:  # one form for the trials: everything fixed travels as command-line settings
-        cmd_args += [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in config_dict.items()]
+    # One form for the trials: everything fixed travels as command-line settings (the command line wins
+    # over config_dict, as in Config).
+    cmd_args += [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}"
+                 for k, v in (config_dict or {}).items() if k not in given]
     config_files = [str(Path(p).resolve()) for p in config_file_list or []]
     output = Path(output).resolve()
 

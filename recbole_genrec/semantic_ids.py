@@ -24,13 +24,14 @@ def main(argv=None):
         from recbole.data import create_dataset
         from recbole.utils import init_logger, init_seed
 
-        from recbole_genrec.data.semantic_ids import build_semantic_ids, format_report
+        from recbole_genrec.data.semantic_ids import build_semantic_ids, format_report, tokenizer_settings
         from recbole_genrec.quick_start import check_dataset_files, load_config
         from recbole_genrec.tokenizer.collision import collision_stats
         from recbole_genrec.utils import atomic_write_json
 
         config = load_config(model=model, dataset=dataset, config_file_list=config_files,
                              cmd_args=[f"--{k}={v}" for k, v in args.items()])
+        tokenizer_settings(config)  # bad tokenizer settings fail before the dataset is read
         init_logger(config)
         logging.getLogger().setLevel(logging.WARNING)  # keep the report, not RecBole's dataset dump
         check_dataset_files(config)

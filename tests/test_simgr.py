@@ -191,8 +191,12 @@ def test_runs_end_to_end_with_a_causal_lm_directory(tiny_data, tiny_gpt2_dir, ru
     from recbole_genrec.quick_start import run_recbole_genrec
 
     record = run_recbole_genrec(model="SimGR", dataset="tiny", result_file=str(run_dirs / "r.json"),
-                                config_dict=simgr_config(tiny_data, tiny_gpt2_dir, epochs=2))
+                                config_dict=simgr_config(tiny_data, tiny_gpt2_dir, epochs=2, metrics=[
+                                    "Hit", "NDCG", "Coverage", "Entropy", "PrefixMatch"]))
     assert record["extras"]["causal_lm"] is True and record["extras"]["pooling"] == "last"
+    test = record["test_result"]
+    assert 0.0 < test["coverage@10"] <= 1.0 and test["entropy@10"] > 0.0  # diversity metrics apply as is
+    assert "prefixmatch@1" in test
     assert record["extras"]["train_examples_last_epoch"] == 40  # one prefix per user per epoch
     assert 0.0 <= record["test_result"]["ndcg@10"] <= 1.0
     assert record["timings"]["epochs_trained"] == 2
@@ -211,7 +215,6 @@ def test_causal_lm_pools_the_last_real_token(tiny_data, tiny_gpt2_dir):
 
 
 def test_missing_llm_path_is_a_one_line_error(tiny_data, tmp_path):
-    from recbole_genrec.quick_start import main
     from recbole_genrec.utils import GenRecError
 
     with pytest.raises(GenRecError) as err:
@@ -304,3 +307,12 @@ def test_trainer_samples_prefixes_and_uses_adamw_cosine(tiny_data, tiny_bert_dir
     progress = (steps - warmup) / (total - warmup)
     assert lr == pytest.approx(config["learning_rate"] * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-6)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_bfloat16_backbone_scores_in_float32(tiny_data, tiny_bert_dir):
+    _, model, train, *_ = build(tiny_data, tiny_bert_dir, llm_dtype="bfloat16")
+    assert model.embedding_matrix().dtype == torch.bfloat16
+    model.eval()
+    with torch.no_grad():
+        loss = model.calculate_loss(first_batch(train))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

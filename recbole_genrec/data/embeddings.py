@@ -56,6 +56,7 @@ def encoder_fingerprint(path):
 
 def load_encoder(path, device="cpu"):
     """A ``SentenceTransformer`` from a local directory, offline and without remote code."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the Hub, even for a missing file
     from sentence_transformers import SentenceTransformer
 
     try:

@@ -153,7 +153,11 @@ def format_report(report):
 # ---- pipeline ----------------------------------------------------------------------------------
 def tokenizer_settings(config):
     """The config keys that determine the codes (validated), as a plain dict."""
+    from recbole_genrec.tokenizer import TOKENIZERS
+
     name = str(config["tokenizer"] or "rqvae").lower()
+    if name not in TOKENIZERS:
+        raise GenRecError(f"unknown tokenizer {config['tokenizer']!r}: use one of {sorted(TOKENIZERS)}")
     collision = str(config["collision"] or "append").lower()
     if collision not in COLLISION_MODES:
         raise GenRecError(f"collision must be one of {list(COLLISION_MODES)}, got {config['collision']!r}")
@@ -237,7 +241,8 @@ def build_semantic_ids(config, dataset):
             sizes = meta["codebook_sizes"]
             soft = [tensors.get(f"soft_{j}") for j in range(len(sizes))]
             soft = None if all(s is None for s in soft) else soft
-            report = dict(meta["report"], from_cache=True, seconds=round(time.perf_counter() - start, 3))
+            report = dict(meta["report"], from_cache=True, embeddings_from_cache=emb_meta["from_cache"],
+                          seconds=round(time.perf_counter() - start, 3))
             assert_unique(codes[1:])
             trie = PrefixTrie.from_codes(codes[1:], torch.arange(1, len(texts)), sizes)
             logger.info(format_report(report))

@@ -283,7 +283,7 @@ class SimGR(SequentialRecommender):
         if self.temperature <= 0:
             raise GenRecError(f"temperature must be > 0, got {self.temperature}")
         self.eval_chunk = int(config["eval_micro_batch_size"] or 0)
-        self.prompt_max_items = int(config["prompt_max_items"] or 0) or self.max_seq_length
+        self.prompt_max_items = min(int(config["prompt_max_items"] or 0) or self.max_seq_length, self.max_seq_length)
         self.train_examples_last_epoch = None
 
         codes, sizes, sid_report = load_item_codes(config, dataset)
@@ -294,6 +294,13 @@ class SimGR(SequentialRecommender):
         # backbone and tokenizer; one new special token per (layer, code)
         self.llm_path = str(config["llm_path"]) if config["llm_path"] else default_llm_path()
         self.tokenizer, backbone, self.is_causal = load_backbone(self.llm_path, config["trust_remote_code"])
+        dtype = str(config["llm_dtype"] or "float32").lower()
+        if dtype != "auto":
+            if dtype not in ("float32", "bfloat16", "float16"):
+                raise GenRecError(f"llm_dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
+            backbone = backbone.to(getattr(torch, dtype))
+        if config["gradient_checkpointing"]:
+            backbone.gradient_checkpointing_enable()
         self.code_tokens = [code_token(l, c) for l, size in enumerate(sizes) for c in range(size)]
         self.tokenizer.add_tokens(self.code_tokens, special_tokens=True)
         backbone.resize_token_embeddings(len(self.tokenizer))
@@ -302,6 +309,7 @@ class SimGR(SequentialRecommender):
         if (codes < 0).any() or (codes >= torch.tensor(sizes)).any():
             raise GenRecError("item codes fall outside their codebook sizes: rebuild the semantic IDs")
         self.register_buffer("item_token_ids", token_ids[codes + offsets], persistent=False)  # [n_items, L]
+        self.register_buffer("item_codes", codes, persistent=False)  # read by the PrefixMatch metric
 
         pooling = str(config["pooling"] or "auto").lower()
         if pooling not in POOLINGS:
@@ -326,7 +334,8 @@ class SimGR(SequentialRecommender):
         if pad is None:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         self.pad_token_id = int(pad)
-        max_pos = getattr(backbone.config, "max_position_embeddings", None) or getattr(backbone.config, "n_positions", None)
+        max_pos = getattr(backbone.config, "max_position_embeddings", None) or getattr(
+            backbone.config, "n_positions", None)
         longest = len(prefix) + len(suffix) + self.prompt_max_items * (self.num_code_layers + len(sep_ids))
         if max_pos and longest > max_pos:
             raise GenRecError(f"prompts reach {longest} tokens, more than the backbone's {max_pos}: lower "
@@ -360,6 +369,10 @@ class SimGR(SequentialRecommender):
     def embedding_matrix(self):
         return self.backbone.get_input_embeddings().weight
 
+    def item_token_embeddings(self):
+        """``[n_items, L, d]`` float32: each item's semantic-ID token embeddings."""
+        return F.embedding(self.item_token_ids, self.embedding_matrix()).float()
+
     # -- cache of item vectors (eval mode only) ---------------------------------------------------
     def train(self, mode=True):
         self._item_cache = None
@@ -374,9 +387,9 @@ class SimGR(SequentialRecommender):
         if not self.training and self._item_cache is not None:
             return self._item_cache
         if self.training:
-            return self.aggregator(F.embedding(self.item_token_ids, self.embedding_matrix()))
+            return self.aggregator(self.item_token_embeddings())
         with torch.no_grad():
-            self._item_cache = self.aggregator(F.embedding(self.item_token_ids, self.embedding_matrix()))
+            self._item_cache = self.aggregator(self.item_token_embeddings())
         return self._item_cache
 
     # -- prompts -----------------------------------------------------------------------------------
@@ -424,7 +437,7 @@ class SimGR(SequentialRecommender):
 
     # -- user vectors --------------------------------------------------------------------------------
     def encode_prompts(self, input_ids, attention_mask):
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
         if self.pooling == "cls":
             return hidden[:, 0]
         if self.pooling == "last":

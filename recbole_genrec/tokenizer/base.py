@@ -43,17 +43,21 @@ def kmeans_pp_init(x, k, generator, max_sample=20000):
         x = x[torch.randperm(n, generator=generator, device="cpu")[:max_sample].to(x.device)]
         n = max_sample
     centers = x.new_empty(k, x.shape[1])
+    x_sq = (x * x).sum(1)
+    dist_to = lambda c: (x_sq - 2.0 * (x @ c) + (c * c).sum()).clamp_min_(0.0)  # noqa: E731
     first = int(torch.randint(n, (1,), generator=generator))
     centers[0] = x[first]
-    d2 = ((x - centers[0]) ** 2).sum(1)
+    d2 = dist_to(centers[0])
     for j in range(1, k):
-        total = float(d2.sum())
+        cum = torch.cumsum(d2.double().cpu(), 0)
+        total = float(cum[-1])
         if total <= 0:  # fewer distinct points than k: repeat a point (later rows never win argmin ties)
             centers[j:] = centers[0]
             break
-        pick = int(torch.multinomial((d2 / total).cpu(), 1, generator=generator))
+        u = float(torch.rand(1, generator=generator, dtype=torch.float64)) * total
+        pick = min(int(torch.searchsorted(cum, torch.tensor([u], dtype=torch.float64), right=True)), n - 1)
         centers[j] = x[pick]
-        d2 = torch.minimum(d2, ((x - centers[j]) ** 2).sum(1))
+        d2 = torch.minimum(d2, dist_to(centers[j]))
     return centers
 
 
