@@ -11,6 +11,7 @@ settings override the stored config (e.g. ``--beam_batch_size=128``).
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -28,7 +29,10 @@ def config_from_checkpoint(stored, overrides=None):
     """A :class:`~recbole_genrec.config.Config` equal in effect to the one the checkpoint was trained with."""
     from recbole_genrec.quick_start import load_config
 
-    base = load_config(stored["model"], stored["dataset"], config_dict={"data_path": stored.get("data_path")})
+    data_path = stored.get("data_path")
+    if data_path and os.path.basename(os.path.normpath(data_path)) == str(stored["dataset"]):
+        data_path = os.path.dirname(os.path.normpath(data_path))  # RecBole appends the dataset name itself
+    base = load_config(stored["model"], stored["dataset"], config_dict={"data_path": data_path})
     keep = {}
     for key, value in stored.items():
         if key in _DERIVED or key not in base.final_config_dict:
@@ -40,7 +44,7 @@ def config_from_checkpoint(stored, overrides=None):
                 isinstance(default, float) and isinstance(value, int)):
             continue  # stored as text (enums, tuples) and equal in effect; RecBole re-derives them
         keep[key] = value
-    keep["data_path"] = stored.get("data_path")
+    keep["data_path"] = data_path
     keep.update(overrides or {})
     return load_config(stored["model"], stored["dataset"], config_dict=keep)
 

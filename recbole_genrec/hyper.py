@@ -10,11 +10,11 @@ How a search runs:
   the dataset and the train/valid dataloaders go to the object store through ``tune.with_parameters``
   and every trial reuses them. The test dataloader never leaves the driver: trials cannot see it;
 * each trial builds its own config (:class:`SnapshotConfig`: the driver's yaml layers, then the sampled
-  values, so values are type-checked and derived settings follow), then trains through :func:`~recbole_genrec.quick_start.run_recbole_genrec`
-  (same protocol, same metrics) and reports the validation metrics to Tune after every validation,
-  so ASHA can stop bad trials early. A trial whose values change how the data is built (see
-  :data:`DATA_KEYS`) rebuilds the data in that trial; one that only changes batch sizes or negative
-  sampling rebuilds only the dataloaders from the shared dataset;
+  values, so values are type-checked and derived settings follow), then trains through
+  :func:`~recbole_genrec.quick_start.run_recbole_genrec` (same protocol, same metrics) and reports the
+  validation metrics to Tune after every validation, so ASHA can stop bad trials early. A trial whose
+  values change how the data is built (see :data:`DATA_KEYS`) rebuilds the data in that trial; one that
+  only changes batch sizes or negative sampling rebuilds only the dataloaders from the shared dataset;
 * checkpoints go to the trial's own directory (absolute path; Tune changes the working directory);
 * afterwards the best trial (best validation score over its epochs, failed trials excluded) is
   evaluated once on the test set from its checkpoint, and ``best.json``, ``trials.csv`` and
@@ -508,6 +508,7 @@ def run_hyper(model, dataset, params_file, config_file_list=None, config_dict=No
                 failure_config=air.FailureConfig(max_failures=0), verbose=1,
             ),
         )
+        logging.getLogger("tensorboardX").setLevel(logging.WARNING)  # one line per '@' metric name otherwise
         search_start = time.perf_counter()
         result_grid = tuner.fit()  # failed trials stay in the grid with their error; nothing is raised
         search_seconds = time.perf_counter() - search_start

@@ -191,3 +191,17 @@ def test_cli_success_and_one_line_errors(tiny_recbole, capsys):
         assert main(bad) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and "Traceback" not in "".join(err)
+
+
+def test_item_text_same_before_and_after_data_preparation(tiny_recbole):
+    """Models pass ``train_data._dataset`` (item_feat as an Interaction): the texts, hence the cache, match."""
+    from recbole.data import data_preparation
+
+    from recbole_genrec.data.item_text import item_texts
+
+    config, dataset, _, _ = tiny_recbole
+    before = item_texts(config, dataset)
+    train_data, _, _ = data_preparation(config, dataset)
+    after = item_texts(config, train_data._dataset)
+    assert before == after and before[0] == "" and len(before) == dataset.item_num
+    assert any(t.startswith("Movie number") for t in before)

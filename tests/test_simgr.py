@@ -316,3 +316,13 @@ def test_bfloat16_backbone_scores_in_float32(tiny_data, tiny_bert_dir):
     with torch.no_grad():
         loss = model.calculate_loss(first_batch(train))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_embedding_matrix_can_have_its_own_learning_rate(tiny_data, tiny_bert_dir):
+    from recbole_genrec.utils import get_trainer
+
+    config, model, *_ = build(tiny_data, tiny_bert_dir, embedding_learning_rate=0.01)
+    trainer = get_trainer(type(model), config)(config, model)
+    groups = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert groups[id(model.embedding_matrix())] == pytest.approx(0.01)
+    assert sorted(set(groups.values())) == pytest.approx(sorted({config["learning_rate"], 0.01}))

@@ -104,3 +104,20 @@ def test_training_learns_and_beam_scores_are_valid(tiny_dataset, run_dirs, fake_
         assert len(torch.unique(row[1:])) == model.n_items - 1
     result = trainer.evaluate(test, load_best_model=False, show_progress=False)
     assert result["hit@10"] > 10 / (model.n_items - 1)
+
+
+def test_beam_analysis_on_a_checkpoint(tiny_dataset, run_dirs, fake_sids):
+    from recbole_genrec.beam_analysis import analyse, format_table
+
+    data_path, name = tiny_dataset
+    record = run_recbole_genrec(model="TIGER", dataset=name, config_dict=tiny_config_dict(data_path, **TINY_TIGER),
+                                result_file=str(run_dirs / "r.json"))
+    result = analyse(record["checkpoint"], [10, 20, 40])
+    rows = {r["beam_size"]: r for r in result["rows"]}
+    assert sorted(rows) == [10, 20, 40]
+    assert rows[40]["top5_overlap_with_largest"] == 1.0
+    assert rows[20]["ndcg@10"] == pytest.approx(record["test_result"]["ndcg@10"], abs=1e-4)
+    assert all(r["eval_seconds"] > 0 and r["users"] == rows[40]["users"] for r in rows.values())
+    assert "NDCG@10" in format_table(result)
+    with pytest.raises(GenRecError, match="beam sizes"):
+        analyse(record["checkpoint"], [5, 20])

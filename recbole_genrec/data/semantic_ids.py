@@ -22,6 +22,7 @@ from recbole_genrec.tokenizer.trie import PrefixTrie
 from recbole_genrec.utils import GenRecError, atomic_write_json
 
 COLLISION_MODES = ("append", "reassign")
+CODES_VERSION = 2  # bump when a tokenizer's algorithm changes: cached codes of older versions are rebuilt
 
 
 @dataclass
@@ -228,7 +229,7 @@ def build_semantic_ids(config, dataset):
         texts, folder, config["dataset"], fields, config["text_encoder"], device=device,
         batch_size=int(config["text_batch_size"] or 64), item_tokens=tokens, rebuild=rebuild)
     emb_key = Path(emb_meta["path"]).stem
-    code_meta = {"kind": "semantic_ids", "embeddings": emb_key, "num_items": len(texts),
+    code_meta = {"kind": "semantic_ids", "codes_version": CODES_VERSION, "embeddings": emb_key, "num_items": len(texts),
                  "tokenizer": settings, "collision": collision}
     file = folder / f"codes-{stable_hash(code_meta)}.safetensors"
     hit = None if rebuild else load_tensors(file, code_meta)

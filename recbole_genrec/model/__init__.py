@@ -8,4 +8,5 @@ A new model adds one line here, its file under ``recbole_genrec/model/`` and its
 MODEL_REGISTRY = {
     "TIGER": "recbole_genrec.model.tiger:TIGER",
     "SimGR": "recbole_genrec.model.simgr:SimGR",
+    "TokenWeightedTIGER": "recbole_genrec.model.token_weighted_tiger:TokenWeightedTIGER",
 }

@@ -193,15 +193,23 @@ class SimGRTrainer(Trainer):
 
     def _build_optimizer(self, **kwargs):
         params = kwargs.pop("params", None)
+        lr = kwargs.pop("learning_rate", self.learning_rate)
         if params is None:
-            decay, no_decay = [], []
+            embedding = self.model.embedding_matrix() if hasattr(self.model, "embedding_matrix") else None
+            decay, no_decay, emb = [], [], []
             for name, p in self.model.named_parameters():
                 if not p.requires_grad:
                     continue
-                (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
+                if p is embedding:
+                    emb.append(p)
+                else:
+                    (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
+            emb_lr = self.config["embedding_learning_rate"]
             params = [{"params": decay, "weight_decay": self.weight_decay},
-                      {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(params, lr=kwargs.pop("learning_rate", self.learning_rate))
+                      {"params": no_decay, "weight_decay": 0.0},
+                      {"params": emb, "weight_decay": self.weight_decay,
+                       "lr": float(emb_lr) if emb_lr else lr}]
+        return torch.optim.AdamW(params, lr=lr)
 
     def _build_scheduler(self, steps_per_epoch):
         from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup

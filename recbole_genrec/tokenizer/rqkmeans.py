@@ -5,11 +5,22 @@ import time
 
 import torch
 
-from recbole_genrec.tokenizer.base import Tokenizer, kmeans, soft_assign
+from recbole_genrec.tokenizer.base import Tokenizer, kmeans, nearest, soft_assign
+from recbole_genrec.tokenizer.collision import row_keys
 
 
 class RQKMeansTokenizer(Tokenizer):
+    """Layer ``l > 1`` fits its codebook on the residuals of items whose prefix is still shared with another
+    item (a unique prefix already identifies its item; on small catalogues those items' near-zero residuals
+    would otherwise crowd the codebook), then assigns every item to its nearest code."""
+
     name = "rqkmeans"
+
+    @staticmethod
+    def _ambiguous_rows(codes):
+        _, inverse, counts = torch.unique(row_keys(torch.stack(codes, 1)), return_inverse=True,
+                                          return_counts=True)
+        return (counts[inverse] > 1).nonzero().flatten()
 
     def fit(self, embeddings):
         start = time.perf_counter()
@@ -18,7 +29,14 @@ class RQKMeansTokenizer(Tokenizer):
         for layer in range(self.num_layers):
             if layer == self.num_layers - 1:
                 self._last_inputs = residual.clone()
-            centers, assign, dist = kmeans(residual, self.codebook_size, self.kmeans_iters, self.generator(layer))
+            fit_rows = self._ambiguous_rows(codes) if layer else None
+            if fit_rows is not None and len(fit_rows) >= self.codebook_size:
+                sample = residual[fit_rows.to(residual.device)]
+                centers, _, _ = kmeans(sample, self.codebook_size, self.kmeans_iters, self.generator(layer))
+                assign, dist = nearest(residual, centers)
+            else:
+                centers, assign, dist = kmeans(residual, self.codebook_size, self.kmeans_iters,
+                                               self.generator(layer))
             temperature = float(dist.mean())
             if self.keep_soft:
                 soft.append(soft_assign(residual, centers, temperature).cpu())
