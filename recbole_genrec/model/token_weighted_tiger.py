@@ -212,7 +212,8 @@ class TokenWeightedTIGER(TIGER):
     @staticmethod
     def _scaled_ce(logits, codes, scale):
         """Per-token CE ``[B, L]`` of ``scale * logits`` (the padding columns stay ``-inf``)."""
-        scaled = torch.where(torch.isfinite(logits), logits * scale, logits)
+        finite = torch.isfinite(logits)  # zero the -inf columns first: 0 * -inf would make d/d(alpha) NaN
+        scaled = torch.where(finite, logits.masked_fill(~finite, 0.0) * scale, logits)
         return token_cross_entropy(scaled, codes, reduction="none")
 
     def _linear_progress(self):
