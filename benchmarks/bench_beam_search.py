@@ -156,10 +156,9 @@ def main():
     p.add_argument("--ids", default=None, help="semantic IDs exported by benchmarks/tiger_seeds.py (no text encoder)")
     args = p.parse_args()
     if args.ids:
-        from benchmarks.tiger_seeds import exported_loader
-        from recbole_genrec.model import tiger
+        from benchmarks.tiger_seeds import use_exported_ids
 
-        tiger.load_semantic_ids = exported_loader(args.ids)
+        use_exported_ids(args.ids)
     model, batches = build(args)
     inputs = [model.encoder_input(b) for b in batches]
     n_users = sum(i[0].shape[0] for i in inputs)

@@ -110,10 +110,9 @@ def main():
     p.add_argument("--ids", default=None, help="semantic IDs exported by benchmarks/tiger_seeds.py (no text encoder)")
     args = p.parse_args()
     if args.ids:
-        from benchmarks.tiger_seeds import exported_loader
-        from recbole_genrec.model import tiger
+        from benchmarks.tiger_seeds import use_exported_ids
 
-        tiger.load_semantic_ids = exported_loader(args.ids)
+        use_exported_ids(args.ids)
     peak = matmul_peak(args.device)
     out = {"device": args.device, "threads": torch.get_num_threads(), "matmul_peak_fp32_flops_per_s": peak,
            "runs": []}

@@ -63,11 +63,17 @@ def exported_loader(ids_dir):
     return load
 
 
-def run_one(dataset, seed, ids_dir, result_file, extra):
+def use_exported_ids(ids_dir):
+    """Make TIGER read the semantic IDs exported to ``ids_dir`` (hosts without the text encoder)."""
     from recbole_genrec.model import tiger
-    from recbole_genrec.quick_start import main
 
     tiger.load_semantic_ids = exported_loader(ids_dir)
+
+
+def run_one(dataset, seed, ids_dir, result_file, extra):
+    from recbole_genrec.quick_start import main
+
+    use_exported_ids(ids_dir)
     return main([f"--model=TIGER", f"--dataset={dataset}", f"--seed={seed}", f"--result_file={result_file}",
                  *extra])
 

@@ -10,6 +10,7 @@ import resource
 import sys
 import time
 import uuid
+import warnings
 from logging import getLogger
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_genrec.config import Config, parse_cmd_args
 from recbole_genrec.utils import GenRecError, atomic_write_json, get_trainer, to_jsonable
+
+
+# RecBole 1.2.1's dataset code uses pandas idioms that pandas 2.x flags on every load (chained inplace
+# fillna, GradScaler aliases); they change nothing here and drown the one-line errors users need to see.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
 
 
 def load_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
