@@ -55,6 +55,7 @@ class TIGER(SequentialRecommender):
                 f"semantic IDs cover {sids.codes.shape[0]} items but the dataset has {self.n_items}: "
                 "delete the stale semantic-ID cache under cache_dir and rerun"
             )
+        self.semantic_ids = sids  # kept for derived models (item embeddings, report); not in state_dict
         self.semantic_ids_report = dict(getattr(sids, "report", {}) or {})
         num_user_tokens = int(config["num_user_tokens"] or 0) if config["use_user_token"] else 0
         self.layout = SemanticTokenLayout(sids.codes, sids.codebook_sizes, num_user_tokens)

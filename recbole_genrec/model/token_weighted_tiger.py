@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from recbole_genrec.model import token_weights as tw
 from recbole_genrec.model.seq2seq import token_cross_entropy
-from recbole_genrec.model import tiger as tiger_module
 from recbole_genrec.model.tiger import TIGER
 from recbole_genrec.trainer import Trainer
 from recbole_genrec.utils import GenRecError, atomic_write_bytes, atomic_write_json
@@ -87,8 +86,7 @@ class TokenWeightedTIGER(TIGER):
         self.total_steps = self.linear_schedule_steps
         L = self.layout.num_layers
 
-        # TIGER does not keep the SemanticIDs object; reload it (a cache hit) for the item embeddings.
-        sids = tiger_module.load_semantic_ids(config, dataset)
+        sids = self.semantic_ids  # the object TIGER built: its item embeddings give the Front-Greater weights
         emb = getattr(sids, "embeddings", None)
         if emb is not None:
             w_fg, mu = tw.front_greater_weights(emb, sids.codes)
