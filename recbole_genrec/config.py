@@ -148,7 +148,7 @@ class Config(RecBoleConfig):
     def _check_protocol(self):
         metric, _, k = str(self["valid_metric"]).partition("@")
         metrics = [m.lower() for m in self["metrics"]]
-        if metric.lower() not in metrics or (k and int(k) not in self["topk"]):
+        if metric.lower() not in metrics or (k and (not k.isdigit() or int(k) not in self["topk"])):
             raise GenRecError(
                 f"valid_metric {self['valid_metric']!r} is not among metrics {self['metrics']} at topk "
                 f"{self['topk']}: add it there or choose another valid_metric"

@@ -116,6 +116,7 @@ def test_a_pickled_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
         (["--model=NoSuchModel"], "unknown model 'NoSuchModel'"),
         (["--model=SASRec", "--epochs=abc"], "config key 'epochs' expects int"),
         (["--model=SASRec", "--valid_metric=NDCG@50"], "valid_metric 'NDCG@50' is not among metrics"),
+        (["--model=SASRec", "--valid_metric=NDCG@ten"], "valid_metric 'NDCG@ten' is not among metrics"),
         (["--model=SASRec", "--dataset=nowhere"], "dataset folder"),
         (["--model=SASRec", "--config_files=missing.yaml"], "config file 'missing.yaml' not found"),
         (["--model=SASRec", "epochs"], "unrecognised argument 'epochs'"),
