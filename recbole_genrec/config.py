@@ -52,6 +52,9 @@ class Config(RecBoleConfig):
 
         register_metrics()
         super().__init__(model, dataset, config_file_list, config_dict)
+        # Looking a model up imports RecBole's sequential models, whose sine.py switches on
+        # torch.autograd.set_detect_anomaly(True) for the whole process and slows every backward pass
+        # (benchmarks/bench_anomaly_detection.py). Off unless the config asks for it.
         torch.autograd.set_detect_anomaly(bool(self.final_config_dict.get("detect_anomaly", False)))
         self._check_types()
         self._check_protocol()

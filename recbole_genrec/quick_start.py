@@ -22,8 +22,9 @@ from recbole_genrec.config import Config, parse_cmd_args
 from recbole_genrec.utils import GenRecError, atomic_write_json, get_trainer, to_jsonable
 
 
-# RecBole 1.2.1's dataset code uses pandas idioms that pandas 2.x flags on every load (chained inplace
-# fillna, GradScaler aliases); they change nothing here and drown the one-line errors users need to see.
+# RecBole 1.2.1 raises FutureWarnings on every run (pandas 2.x chained inplace fillna in its dataset code,
+# torch's deprecated GradScaler alias in its trainer); they change nothing here and drown the one-line
+# errors users need to see.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
 
 

@@ -3,7 +3,6 @@ import enum
 import importlib
 import json
 import os
-import pkgutil
 import tempfile
 from pathlib import Path
 
@@ -23,43 +22,21 @@ def plugin_models():
     return dict(MODEL_REGISTRY)
 
 
-def recbole_models():
-    """Every model class name RecBole 1.2.1 ships, for the 'unknown model' message."""
-    import recbole.model as recbole_model
-
-    names = []
-    for sub in ("general_recommender", "sequential_recommender", "context_aware_recommender",
-                "knowledge_aware_recommender", "exlib_recommender"):
-        package = importlib.import_module(f"recbole.model.{sub}")
-        names += [m.name for m in pkgutil.iter_modules(package.__path__)]
-    del recbole_model
-    return sorted(names)
-
-
 def get_model(model_name):
-    """Plugin models first (names may contain ``+`` or ``-``), then RecBole's ``get_model``.
-
-    Importing any RecBole sequential model imports ``sine.py``, which switches on
-    ``torch.autograd.set_detect_anomaly(True)`` for the whole process and makes every backward pass
-    about 10x slower (measured: SASRec on ml-100k, 100 s -> 10 s an epoch). It is switched off again
-    here; ``detect_anomaly: True`` in a config turns it back on (see ``Config``).
-    """
+    """Plugin models first (names may contain ``+`` or ``-``), then RecBole's ``get_model``."""
     registry = plugin_models()
-    try:
-        if model_name in registry:
-            module_name, _, class_name = registry[model_name].partition(":")
-            return getattr(importlib.import_module(module_name), class_name)
-        from recbole.utils import get_model as recbole_get_model
+    if model_name in registry:
+        module_name, _, class_name = registry[model_name].partition(":")
+        return getattr(importlib.import_module(module_name), class_name)
+    from recbole.utils import get_model as recbole_get_model
 
-        try:
-            return recbole_get_model(model_name)
-        except (ValueError, AttributeError, ImportError):
-            raise GenRecError(
-                f"unknown model {model_name!r}: use one of the plugin models {sorted(registry)} "
-                f"or a RecBole model (e.g. SASRec, GRU4Rec, BERT4Rec, Caser, BPR)"
-            ) from None
-    finally:
-        torch.autograd.set_detect_anomaly(False)
+    try:
+        return recbole_get_model(model_name)
+    except (ValueError, AttributeError, ImportError):
+        raise GenRecError(
+            f"unknown model {model_name!r}: use one of the plugin models {sorted(registry)} "
+            f"or a RecBole model (e.g. SASRec, GRU4Rec, BERT4Rec, Caser, BPR)"
+        ) from None
 
 
 def get_trainer(model_class, config):
