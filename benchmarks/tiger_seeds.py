@@ -1,4 +1,4 @@
-"""Multi-seed TIGER runs, with the semantic IDs exported once (for machines without the text encoder).
+"""Multi-seed TIGER-family runs (`--model=TIGER` default, or TokenWeightedTIGER), with the semantic IDs exported once
 
     # here (has the text encoder): build and export the semantic IDs of each seed
     python benchmarks/tiger_seeds.py export --dataset=ml-100k --seeds=2020,2021,2022 --out=shared_ids
@@ -34,7 +34,10 @@ def export(dataset, seeds, out):
         ds, *_ = prepare_data(config)
         sids = build_semantic_ids(config, ds)
         base = os.path.join(out, f"{dataset}-seed{seed}")
-        save_file({"codes": sids.codes.contiguous()}, base + ".safetensors")
+        tensors = {"codes": sids.codes.contiguous()}
+        if sids.embeddings is not None:  # TokenWeightedTIGER's Front-Greater weights need them
+            tensors["embeddings"] = torch.as_tensor(sids.embeddings).float().contiguous()
+        save_file(tensors, base + ".safetensors")
         with open(base + ".json", "w") as f:
             json.dump({"codebook_sizes": list(sids.codebook_sizes), "report": _plain(sids.report)}, f)
         print(f"exported {base} codes {list(sids.codes.shape)}", flush=True)
@@ -53,12 +56,13 @@ def exported_loader(ids_dir):
 
     def load(config, dataset):
         base = os.path.join(ids_dir, f"{config['dataset']}-seed{config['seed']}")
-        codes = load_file(base + ".safetensors")["codes"]
+        tensors = load_file(base + ".safetensors")
+        codes = tensors["codes"]
         meta = json.load(open(base + ".json"))
         sizes = meta["codebook_sizes"]
         trie = PrefixTrie.from_codes(codes[1:], torch.arange(1, codes.shape[0]), sizes)
         return types.SimpleNamespace(codes=codes, codebook_sizes=sizes, num_layers=codes.shape[1],
-                                     embeddings=None, report=dict(meta["report"], exported_from=base), trie=trie)
+                                     embeddings=tensors.get("embeddings"), report=dict(meta["report"], exported_from=base), trie=trie)
 
     return load
 
@@ -70,25 +74,26 @@ def use_exported_ids(ids_dir):
     tiger.load_semantic_ids = exported_loader(ids_dir)
 
 
-def run_one(dataset, seed, ids_dir, result_file, extra):
+def run_one(model, dataset, seed, ids_dir, result_file, extra):
     from recbole_genrec.quick_start import main
 
     use_exported_ids(ids_dir)
-    return main([f"--model=TIGER", f"--dataset={dataset}", f"--seed={seed}", f"--result_file={result_file}",
+    return main([f"--model={model}", f"--dataset={dataset}", f"--seed={seed}", f"--result_file={result_file}",
                  *extra])
 
 
 def summary(files):
     rows = [json.load(open(f)) for f in files]
-    keys = ["hit@10", "ndcg@10", "hit@5", "ndcg@5", "hit@20", "recall@10", "mrr@10"]
+    keys = sorted({k for r in rows for k in r["test_result"]})
     out = {"seeds": [r["seed"] for r in rows], "epochs": [r["timings"]["epochs_trained"] for r in rows],
-           "fit_seconds": [round(r["timings"]["fit_seconds"], 1) for r in rows]}
+           "fit_seconds": [round(r["timings"]["fit_seconds"], 1) for r in rows],
+           "stopped_by_time_budget": [r["timings"].get("stopped_by_time_budget") for r in rows]}
     for k in keys:
         vals = torch.tensor([float(r["test_result"][k]) for r in rows if k in r["test_result"]])
         if len(vals):
-            out[k] = {"mean": vals.mean().item(), "std": vals.std().item() if len(vals) > 1 else 0.0,
-                      "min": vals.min().item(), "max": vals.max().item(), "values": vals.tolist()}
-    print(json.dumps(out, indent=2))
+            out[k] = {"mean": round(vals.mean().item(), 4), "std": round(vals.std().item(), 4) if len(vals) > 1 else 0.0,
+                      "values": [round(v, 4) for v in vals.tolist()]}
+    print(json.dumps(out))
     return out
 
 
@@ -99,6 +104,7 @@ def main():
         return 0
     opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
     dataset = opts.pop("dataset", "ml-100k")
+    model = opts.pop("model", "TIGER")
     seeds = [int(s) for s in opts.pop("seeds", "2020,2021,2022").split(",")]
     if mode == "export":
         export(dataset, seeds, opts.pop("out", "shared_ids"))
@@ -106,7 +112,7 @@ def main():
     if mode == "run_one":
         seed = int(opts.pop("seed"))
         ids_dir, result = opts.pop("ids"), opts.pop("result_file")
-        return run_one(dataset, seed, ids_dir, result, [f"--{k}={v}" for k, v in opts.items()])
+        return run_one(model, dataset, seed, ids_dir, result, [f"--{k}={v}" for k, v in opts.items()])
     if mode == "run":
         ids_dir, results = opts.pop("ids", "shared_ids"), opts.pop("results", "results/seeds")
         logs = opts.pop("logs", results)
@@ -114,13 +120,13 @@ def main():
         os.makedirs(logs, exist_ok=True)
         procs = []
         for seed in seeds:
-            cmd = [sys.executable, __file__, "run_one", f"--dataset={dataset}", f"--seed={seed}", f"--ids={ids_dir}",
-                   f"--result_file={results}/TIGER-{dataset}-seed{seed}.json",
+            cmd = [sys.executable, __file__, "run_one", f"--model={model}", f"--dataset={dataset}", f"--seed={seed}", f"--ids={ids_dir}",
+                   f"--result_file={results}/{model}-{dataset}-seed{seed}.json",
                    *[f"--{k}={v}" for k, v in opts.items()]]
-            log = open(f"{logs}/TIGER-{dataset}-seed{seed}.log", "w")
+            log = open(f"{logs}/{model}-{dataset}-seed{seed}.log", "w")
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
         codes = [p.wait() for p in procs]
-        files = [f"{results}/TIGER-{dataset}-seed{s}.json" for s in seeds]
+        files = [f"{results}/{model}-{dataset}-seed{s}.json" for s in seeds]
         summary([f for f in files if os.path.exists(f)])
         return max(codes)
     raise SystemExit(f"unknown mode {mode!r}: export | run | run_one | summary")

@@ -15,7 +15,7 @@ from recbole_genrec.utils import GenRecError, get_model
 PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
 
 # Keys whose type is fixed by the protocol even when RecBole's default is None.
-_TYPES_OF_NONE_DEFAULTS = {"MAX_ITEM_LIST_LENGTH": int}
+_TYPES_OF_NONE_DEFAULTS = {"MAX_ITEM_LIST_LENGTH": int, "train_time_budget": float}
 
 
 def parse_cmd_args(args):

@@ -130,6 +130,7 @@ def run_recbole_genrec(model=None, dataset=None, config_file_list=None, config_d
             "model_setup_seconds": setup_seconds,
             "fit_seconds": fit_seconds,
             "epochs_trained": len(trainer.timings["train_epoch_seconds"]),
+            "stopped_by_time_budget": trainer.timings.get("stopped_by_time_budget", False),
             "train_epoch_seconds": trainer.timings["train_epoch_seconds"],
             "valid_eval_seconds": trainer.timings["valid_epoch_seconds"],
             "test_eval_seconds": test_seconds,

@@ -121,6 +121,7 @@ def test_a_pickled_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
         (["--model=SASRec", "--config_files=missing.yaml"], "config file 'missing.yaml' not found"),
         (["--model=SASRec", "epochs"], "unrecognised argument 'epochs'"),
         (["--model=SASRec", "--device=tpu"], "device must be"),
+        (["--model=SASRec", "--train_time_budget=-5"], "train_time_budget must be a positive number"),
     ],
 )
 def test_bad_input_ends_in_one_line_error(tiny_dataset, run_dirs, capsys, args, message):
@@ -131,3 +132,15 @@ def test_bad_input_ends_in_one_line_error(tiny_dataset, run_dirs, capsys, args, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err and err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_train_time_budget_stops_at_an_epoch_boundary_and_tests_the_best_checkpoint(tiny_dataset, run_dirs):
+    data_path, name = tiny_dataset
+    config_dict = {**tiny_config_dict(data_path), "epochs": 50, "stopping_step": 100, "train_time_budget": 1e-6}
+    record = run_recbole_genrec("SASRec", name, config_dict=config_dict)
+    # the budget is checked before each epoch after the first: exactly one epoch runs, then the test
+    assert record["timings"]["epochs_trained"] == 1
+    assert record["timings"]["stopped_by_time_budget"] is True
+    assert set(record["test_result"]) == METRIC_KEYS and os.path.exists(record["checkpoint"])
+    unlimited = run_recbole_genrec("SASRec", name, config_dict={**config_dict, "epochs": 2, "train_time_budget": None})
+    assert unlimited["timings"]["epochs_trained"] == 2 and unlimited["timings"]["stopped_by_time_budget"] is False

@@ -29,18 +29,45 @@ def load_checkpoint(path, map_location="cpu"):
         ) from None
 
 
+class _TimeBudgetReached(Exception):
+    pass
+
+
 class SafeCheckpointMixin:
-    """Unique, atomic, weights-only checkpoints plus per-epoch timings; put it before a RecBole trainer."""
+    """Unique, atomic, weights-only checkpoints plus per-epoch timings; put it before a RecBole trainer.
+
+    ``train_time_budget`` (seconds, optional) ends training at the first epoch boundary after it is spent;
+    the best checkpoint so far is then tested as after early stopping, and ``timings`` says so.
+    """
 
     def __init__(self, config, model):
         super().__init__(config, model)
         unique = f"{get_local_time()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         safe_model_name = str(config["model"]).replace("/", "_")
         self.saved_model_file = os.path.join(self.checkpoint_dir, f"{safe_model_name}-{unique}.pth")
-        self.timings = {"train_epoch_seconds": [], "valid_epoch_seconds": []}
+        self.timings = {"train_epoch_seconds": [], "valid_epoch_seconds": [], "stopped_by_time_budget": False}
         self.last_valid_result = None
+        budget = config["train_time_budget"]
+        if budget is not None and (not isinstance(budget, (int, float)) or budget <= 0):
+            raise GenRecError(f"train_time_budget must be a positive number of seconds, got {budget!r}")
+        self.train_time_budget = budget
+        self._fit_start = None
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self._fit_start = time.perf_counter()
+        try:
+            return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                               callback_fn=callback_fn)
+        except _TimeBudgetReached:
+            self.timings["stopped_by_time_budget"] = True
+            self.logger.info(f"train_time_budget={self.train_time_budget}s spent: training stopped, "
+                             f"best valid score {self.best_valid_score}")
+            return self.best_valid_score, self.best_valid_result
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if (self.train_time_budget and self._fit_start is not None and self.timings["train_epoch_seconds"]
+                and time.perf_counter() - self._fit_start >= self.train_time_budget):
+            raise _TimeBudgetReached()
         start = time.perf_counter()
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
         self.timings["train_epoch_seconds"].append(time.perf_counter() - start)
