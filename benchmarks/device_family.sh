@@ -1,5 +1,6 @@
 #!/bin/bash
-# 3-seed TIGER and TokenWeightedTIGER on ml-100k on the GPU machine (the `device` tool), side by side.
+# 3-seed runs of the TIGER family on ml-100k on the GPU machine (the `device` tool), side by side:
+# MODELS="TIGER TokenWeightedTIGER" by default (any of TIGER TokenWeightedTIGER LETTER ETEGRec).
 #   bash benchmarks/device_family.sh start [BUDGET_S]   # background (setsid) runs, each with train_time_budget
 #   bash benchmarks/device_family.sh wait  [MAX_S]      # sleep until all results exist (or MAX_S), print progress
 #   bash benchmarks/device_family.sh collect            # copy result JSONs and logs to $OUT, print summaries
@@ -7,7 +8,7 @@
 # (`python benchmarks/tiger_seeds.py export --dataset=ml-100k --seeds=2020,2021,2022 --out=shared_ids`).
 OUT=${OUT:-/tmp/out}; W=/tmp/family; mkdir -p $OUT $W
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-MODELS="TIGER TokenWeightedTIGER"
+MODELS=${MODELS:-"TIGER TokenWeightedTIGER"}
 case "${1:-start}" in
 start)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -21,7 +22,8 @@ start)
   sleep 60; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; tail -3 $W/logs/*.log ;;
 wait)
   end=$((SECONDS + ${2:-540}))
-  while [ $SECONDS -lt $end ] && [ "$(ls $W/results/*.json 2>/dev/null | wc -l)" -lt 6 ]; do sleep 10; done
+  want=$((3 * $(echo $MODELS | wc -w)))
+  while [ $SECONDS -lt $end ] && [ "$(ls $W/results/*.json 2>/dev/null | wc -l)" -lt $want ]; do sleep 10; done
   for f in $W/logs/*.log; do echo "== $f"; grep -a 'evaluating' $f | tail -2; done
   ls $W/results ;;
 collect)

@@ -1,15 +1,17 @@
-"""Multi-seed TIGER-family runs (`--model=TIGER` default, or TokenWeightedTIGER), with the semantic IDs exported once
+"""Multi-seed runs of the TIGER family (TIGER, TokenWeightedTIGER, LETTER, ETEGRec: every model that gets
+its semantic IDs through ``recbole_genrec.model.tiger.load_semantic_ids``), with the IDs exported once.
 
-    # here (has the text encoder): build and export the semantic IDs of each seed
-    python benchmarks/tiger_seeds.py export --dataset=ml-100k --seeds=2020,2021,2022 --out=shared_ids
+    # here (has the text encoder): build and export the semantic IDs (codes + item embeddings) of each seed;
+    # --model picks the model yaml, hence the tokenizer (LETTER: tokenizer=letter)
+    python benchmarks/tiger_seeds.py export [--model=TIGER] --dataset=ml-100k --seeds=2020,2021,2022 --out=shared_ids
     # anywhere (e.g. the GPU machine): train each seed through run_recbole_genrec, in parallel processes
-    python benchmarks/tiger_seeds.py run --dataset=ml-100k --seeds=2020,2021,2022 --ids=shared_ids \
+    python benchmarks/tiger_seeds.py run [--model=TIGER] --dataset=ml-100k --seeds=2020,2021,2022 --ids=shared_ids \
         --results=results/seeds [--key=value ...]
     python benchmarks/tiger_seeds.py summary results/seeds/*.json
 
-``run`` is exactly ``python run_recbole_genrec.py --model=TIGER --dataset=... --seed=S``, except that
-TIGER's semantic IDs are read from the exported file of seed ``S`` (the same codes
-``build_semantic_ids`` made for that seed) instead of being rebuilt from item text.
+``run`` is exactly ``python run_recbole_genrec.py --model=M --dataset=... --seed=S``, except that the
+semantic IDs are read from the exported file of seed ``S`` (the same codes ``build_semantic_ids`` made for
+that seed and tokenizer) instead of being rebuilt from item text.
 """
 import json
 import os
@@ -22,7 +24,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def export(dataset, seeds, out):
+def _ids_stem(config):
+    """Exported-IDs file stem: ``<dataset>-seed<S>`` (rqvae) or ``<dataset>-<tokenizer>-seed<S>``."""
+    tok = str(config["tokenizer"] or "rqvae").lower()
+    return f"{config['dataset']}-seed{config['seed']}" if tok == "rqvae" else \
+        f"{config['dataset']}-{tok}-seed{config['seed']}"
+
+
+def export(dataset, seeds, out, model="TIGER"):
     from safetensors.torch import save_file
 
     from recbole_genrec.data.semantic_ids import build_semantic_ids
@@ -30,10 +39,10 @@ def export(dataset, seeds, out):
 
     os.makedirs(out, exist_ok=True)
     for seed in seeds:
-        config = load_config("TIGER", dataset, config_dict={"seed": seed, "state": "WARNING", "device": "cpu"})
+        config = load_config(model, dataset, config_dict={"seed": seed, "state": "WARNING", "device": "cpu"})
         ds, *_ = prepare_data(config)
         sids = build_semantic_ids(config, ds)
-        base = os.path.join(out, f"{dataset}-seed{seed}")
+        base = os.path.join(out, _ids_stem(config))
         tensors = {"codes": sids.codes.contiguous()}
         if sids.embeddings is not None:  # TokenWeightedTIGER's Front-Greater weights need them
             tensors["embeddings"] = torch.as_tensor(sids.embeddings).float().contiguous()
@@ -55,7 +64,7 @@ def exported_loader(ids_dir):
     from recbole_genrec.tokenizer.trie import PrefixTrie
 
     def load(config, dataset):
-        base = os.path.join(ids_dir, f"{config['dataset']}-seed{config['seed']}")
+        base = os.path.join(ids_dir, _ids_stem(config))
         tensors = load_file(base + ".safetensors")
         codes = tensors["codes"]
         meta = json.load(open(base + ".json"))
@@ -107,7 +116,7 @@ def main():
     model = opts.pop("model", "TIGER")
     seeds = [int(s) for s in opts.pop("seeds", "2020,2021,2022").split(",")]
     if mode == "export":
-        export(dataset, seeds, opts.pop("out", "shared_ids"))
+        export(dataset, seeds, opts.pop("out", "shared_ids"), model)
         return 0
     if mode == "run_one":
         seed = int(opts.pop("seed"))

@@ -1,4 +1,4 @@
-"""``python -m recbole_genrec.semantic_ids --dataset=NAME [--tokenizer=rqvae|rqkmeans|pq] [--k=v ...]``
+"""``python -m recbole_genrec.semantic_ids --dataset=NAME [--tokenizer=rqvae|letter|rqkmeans|pq] [--k=v ...]``
 
 Builds (or loads from the cache) the semantic IDs of a dataset's items, prints the quality report and
 exits 0; exits 1 if two items share an ID, 2 with a one-line ``error: ...`` on bad input. ``--model``

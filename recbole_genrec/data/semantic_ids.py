@@ -15,7 +15,7 @@ import torch
 from recbole_genrec.data.cache import load_tensors, save_tensors, stable_hash
 from recbole_genrec.data.embeddings import item_embeddings
 from recbole_genrec.data.item_text import item_texts, resolve_text_fields
-from recbole_genrec.tokenizer import make_tokenizer
+from recbole_genrec.tokenizer import make_tokenizer, tokenizer_class
 from recbole_genrec.tokenizer.collision import (append_index, assert_unique, collision_stats, reassign_last,
                                                 row_keys)
 from recbole_genrec.tokenizer.trie import PrefixTrie
@@ -148,6 +148,13 @@ def format_report(report):
         f"  prefix dispersion mu_0..mu_L: [{', '.join(f'{d:.4f}' for d in report['prefix_dispersion'])}]",
         f"  Front-Greater weights: [{', '.join(f'{w:.3f}' for w in report['front_greater_weights'])}]",
     ]
+    base = report.get("baseline_rqvae")
+    if base:  # letter: the plain RQ-VAE with the same settings, for comparison
+        bc = base["collisions_before_resolution"]
+        lines.append(f"  plain RQ-VAE, same settings: collisions {100 * bc['collision_rate']:.2f}% of items "
+                     f"(largest group {bc['max_items_per_code']}), "
+                     f"utilisation {pct(base['codebook_utilisation'])}, perplexity "
+                     f"[{', '.join(f'{p:.1f}' for p in base['codebook_perplexity'])}]")
     return "\n".join(lines)
 
 
@@ -173,7 +180,7 @@ def tokenizer_settings(config):
         "tokenizer": name, "num_layers": config["num_codebooks"], "codebook_size": config["codebook_size"],
         "seed": int(get("seed", 2020)), "kmeans_iters": int(get("kmeans_iters", 30)),
     }
-    if name == "rqvae":
+    if name in ("rqvae", "letter"):
         settings.update(latent_dim=int(get("rqvae_latent_dim", 32)),
                         hidden_dims=[int(h) for h in get("rqvae_hidden_dims", [512, 256, 128])],
                         epochs=int(get("rqvae_epochs", 100)), lr=float(get("rqvae_lr", 1e-3)),
@@ -181,21 +188,39 @@ def tokenizer_settings(config):
                         commitment=float(get("rqvae_commitment", 0.25)))
         if settings["epochs"] < 1 or settings["latent_dim"] < 1 or settings["batch_size"] < 1:
             raise GenRecError("rqvae_epochs, rqvae_latent_dim and rqvae_batch_size must be positive")
+    if name == "letter":
+        settings.update(cf_weight=float(get("letter_cf_weight", 0.01)),
+                        div_weight=float(get("letter_div_weight", 1e-4)),
+                        clusters=int(get("letter_clusters", 10)), cluster_iters=int(get("letter_cluster_iters", 10)))
+        if settings["cf_weight"] < 0 or settings["div_weight"] < 0:
+            raise GenRecError("letter_cf_weight and letter_div_weight must be >= 0")
+        if not 1 <= settings["clusters"] <= settings["codebook_size"] // 2:
+            raise GenRecError(f"letter_clusters must be between 1 and codebook_size // 2 = "
+                              f"{settings['codebook_size'] // 2}, got {settings['clusters']}")
     return settings, collision
+
+
+LETTER_ONLY_SETTINGS = ("cf_weight", "div_weight", "clusters", "cluster_iters")
+
+
+def plain_rqvae_settings(settings):
+    """A ``letter`` tokenizer's settings minus its regularisers: the plain RQ-VAE it is compared with."""
+    return {**{k: v for k, v in settings.items() if k not in LETTER_ONLY_SETTINGS}, "tokenizer": "rqvae"}
 
 
 def cache_folder(config):
     return Path(config["cache_dir"] or "cache") / "semantic_ids" / str(config["dataset"]).replace("/", "_")
 
 
-def fit_codes(embeddings, settings, collision, device="cpu", keep_soft=True):
-    """Tokenise ``embeddings`` ``[n, d]`` (real items only) and resolve collisions.
+def fit_codes(embeddings, settings, collision, device="cpu", keep_soft=True, cf_embeddings=None):
+    """Tokenise ``embeddings`` ``[n, d]`` (real items only) and resolve collisions; ``cf_embeddings``
+    (``[n, d_cf]``, same rows) go to tokenizers that use them (``letter``).
 
     Returns ``(codes [n, L'], codebook_sizes, soft_probs, raw_codes, tokenizer)`` with unique rows.
     """
     settings = dict(settings)
     tok = make_tokenizer(settings.pop("tokenizer"), device=device, keep_soft=keep_soft, **settings)
-    raw = tok.fit(embeddings)
+    raw = tok.fit(embeddings, cf_embeddings=cf_embeddings)
     sizes = list(tok.codebook_sizes)
     if collision == "append":
         codes, extra = append_index(raw)
@@ -213,8 +238,45 @@ def _pad_row(t):
     return torch.cat([t.new_zeros(1, *t.shape[1:]), t]) if t is not None else None
 
 
+def _cached_or_fitted_codes(folder, code_meta, emb, n_items, settings, collision, device, rebuild, cf=None):
+    """``(codes, sizes, soft, report, from_cache)`` for one tokenizer config, from the cache when valid."""
+    file = folder / f"codes-{stable_hash(code_meta)}.safetensors"
+    hit = None if rebuild else load_tensors(file, code_meta)
+    if hit is not None:
+        tensors, meta = hit
+        codes = tensors.get("codes")
+        ok = (codes is not None and codes.dim() == 2 and codes.shape[0] == n_items
+              and codes.shape[1] == len(meta.get("codebook_sizes", [])) and not codes[0].any())
+        if ok:
+            sizes = meta["codebook_sizes"]
+            soft = [tensors.get(f"soft_{j}") for j in range(len(sizes))]
+            soft = None if all(s is None for s in soft) else soft
+            assert_unique(codes[1:])
+            return codes, sizes, soft, dict(meta["report"]), True
+        getLogger().warning(f"cache {file} holds malformed codes; rebuilding it")
+
+    codes, sizes, soft, raw, tok = fit_codes(emb[1:], settings, collision, device=device,
+                                             cf_embeddings=cf[1:] if cf is not None else None)
+    report = quality_report(emb[1:], raw, codes, sizes)
+    report.update(tokenizer=tok.config(), collision=collision, tokenizer_stats=tok.stats,
+                  embedding_dim=int(emb.shape[1]), cache_file=str(file))
+    codes = _pad_row(codes)
+    soft = [_pad_row(s) for s in soft] if soft is not None else None
+    tensors = {"codes": codes}
+    for j, s in enumerate(soft or []):
+        if s is not None:
+            tensors[f"soft_{j}"] = s
+    save_tensors(file, tensors, {**code_meta, "codebook_sizes": sizes, "report": report})
+    return codes, sizes, soft, report, False
+
+
 def build_semantic_ids(config, dataset):
-    """Semantic IDs of every item of ``dataset`` (a RecBole ``Dataset``), loaded from the cache when valid."""
+    """Semantic IDs of every item of ``dataset`` (a RecBole ``Dataset``), loaded from the cache when valid.
+
+    ``tokenizer: letter`` also trains (once, cached) a SASRec for the collaborative embeddings and, unless
+    ``letter_report_baseline: False``, puts the plain RQ-VAE with the same settings beside it in the report
+    (``report['baseline_rqvae']``; those codes are the ones ``tokenizer: rqvae`` builds and caches).
+    """
     logger = getLogger()
     start = time.perf_counter()
     settings, collision = tokenizer_settings(config)
@@ -231,40 +293,31 @@ def build_semantic_ids(config, dataset):
     emb_key = Path(emb_meta["path"]).stem
     code_meta = {"kind": "semantic_ids", "codes_version": CODES_VERSION, "embeddings": emb_key, "num_items": len(texts),
                  "tokenizer": settings, "collision": collision}
-    file = folder / f"codes-{stable_hash(code_meta)}.safetensors"
-    hit = None if rebuild else load_tensors(file, code_meta)
-    if hit is not None:
-        tensors, meta = hit
-        codes = tensors.get("codes")
-        ok = (codes is not None and codes.dim() == 2 and codes.shape[0] == len(texts)
-              and codes.shape[1] == len(meta.get("codebook_sizes", [])) and not codes[0].any())
-        if ok:
-            sizes = meta["codebook_sizes"]
-            soft = [tensors.get(f"soft_{j}") for j in range(len(sizes))]
-            soft = None if all(s is None for s in soft) else soft
-            report = dict(meta["report"], from_cache=True, embeddings_from_cache=emb_meta["from_cache"],
-                          seconds=round(time.perf_counter() - start, 3))
-            assert_unique(codes[1:])
-            trie = PrefixTrie.from_codes(codes[1:], torch.arange(1, len(texts)), sizes)
-            logger.info(format_report(report))
-            return SemanticIDs(codes, sizes, emb, soft, report, trie, texts)
-        logger.warning(f"cache {file} holds malformed codes; rebuilding it")
+    cf, cf_meta = None, None
+    if tokenizer_class(settings["tokenizer"]).needs_cf_embeddings:
+        from recbole_genrec.data.collab_embeddings import collab_item_embeddings
 
-    codes, sizes, soft, raw, tok = fit_codes(emb[1:], settings, collision, device=device)
-    report = quality_report(emb[1:], raw, codes, sizes)
-    report.update(tokenizer=tok.config(), collision=collision, tokenizer_stats=tok.stats,
-                  text_fields=fields, text_encoder=emb_meta["encoder"], embedding_dim=int(emb.shape[1]),
-                  embeddings_from_cache=emb_meta["from_cache"], cache_file=str(file))
-    codes = _pad_row(codes)
-    soft = [_pad_row(s) for s in soft] if soft is not None else None
-    tensors = {"codes": codes}
-    for j, s in enumerate(soft or []):
-        if s is not None:
-            tensors[f"soft_{j}"] = s
-    save_tensors(file, tensors, {**code_meta, "codebook_sizes": sizes, "report": report})
-    report = dict(report, from_cache=False, seconds=round(time.perf_counter() - start, 3))
-    atomic_write_json(folder / f"report-{file.stem}.json", report)
+        cf, cf_meta = collab_item_embeddings(config, dataset, folder, rebuild=rebuild)
+        code_meta["cf_embeddings"] = Path(cf_meta["path"]).stem
+    codes, sizes, soft, report, from_cache = _cached_or_fitted_codes(
+        folder, code_meta, emb, len(texts), settings, collision, device, rebuild, cf)
+    report.update(text_fields=fields, text_encoder=emb_meta["encoder"])
+    if cf_meta is not None:
+        report["cf_embeddings"] = {k: cf_meta.get(k) for k in ("path", "from_cache", "sasrec", "train_seconds",
+                                                                "epochs_trained", "best_valid_score")}
+        if config["letter_report_baseline"] is not False:
+            base = plain_rqvae_settings(settings)
+            base_meta = {**code_meta, "tokenizer": base}
+            base_meta.pop("cf_embeddings")
+            *_, b_report, _ = _cached_or_fitted_codes(
+                folder, base_meta, emb, len(texts), base, collision, device, rebuild)
+            report["baseline_rqvae"] = {k: b_report[k] for k in (
+                "collisions_before_resolution", "codebook_utilisation", "codebook_perplexity",
+                "filtered_fraction_per_layer", "prefix_dispersion", "cache_file")}
+    report = dict(report, from_cache=from_cache, embeddings_from_cache=emb_meta["from_cache"],
+                  seconds=round(time.perf_counter() - start, 3))
+    if not from_cache:
+        atomic_write_json(folder / f"report-{Path(report['cache_file']).stem}.json", report)
     trie = PrefixTrie.from_codes(codes[1:], torch.arange(1, len(texts)), sizes)
     logger.info(format_report(report))
     return SemanticIDs(codes, sizes, emb, soft, report, trie, texts)
-

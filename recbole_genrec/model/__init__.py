@@ -7,6 +7,8 @@ A new model adds one line here, its file under ``recbole_genrec/model/`` and its
 
 MODEL_REGISTRY = {
     "TIGER": "recbole_genrec.model.tiger:TIGER",
+    "LETTER": "recbole_genrec.model.letter:LETTER",
     "SimGR": "recbole_genrec.model.simgr:SimGR",
     "TokenWeightedTIGER": "recbole_genrec.model.token_weighted_tiger:TokenWeightedTIGER",
+    "ETEGRec": "recbole_genrec.model.etegrec:ETEGRec",
 }

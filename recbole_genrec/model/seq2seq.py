@@ -62,6 +62,24 @@ class SemanticTokenLayout(nn.Module):
         self.register_buffer("layer_vocab_rows", torch.where(valid, rows, torch.zeros_like(rows)), persistent=False)
         self.register_buffer("layer_vocab_valid", valid, persistent=False)
 
+    @torch.no_grad()
+    def set_codes(self, codes):
+        """Replace every item's codes (and token ids) in place, keeping the vocabulary ranges fixed.
+
+        For models whose tokenizer changes during training (ETEGRec): ``codes`` must have the same shape
+        as before and lie inside each layer's codebook; row 0 stays padding. Buffers keep their device.
+        """
+        codes = torch.as_tensor(codes, dtype=torch.long, device=self.codes.device)
+        if codes.shape != self.codes.shape:
+            raise ValueError(f"codes must be {list(self.codes.shape)}, got {list(codes.shape)}")
+        sizes = torch.tensor(self.codebook_sizes, dtype=torch.long, device=codes.device)
+        if (codes[1:] < 0).any() or (codes[1:] >= sizes).any():
+            raise ValueError("a semantic-ID code lies outside its layer's codebook")
+        item_tokens = codes + self.offsets
+        item_tokens[0] = PAD_TOKEN
+        self.codes.copy_(codes)
+        self.item_tokens.copy_(item_tokens)
+
     def encoder_input(self, item_seq, item_seq_len, user_id=None):
         """``(input_ids [B, T], attention_mask [B, T])``: optional user token, then each history item's
         L tokens in time order. RecBole's sequences are left-aligned, so the batch is cut at its longest

@@ -49,7 +49,7 @@ class TIGER(SequentialRecommender):
         if not 0.0 < self.train_prefix_keep <= 1.0:
             raise GenRecError(f"train_prefix_keep must be in (0, 1], got {self.train_prefix_keep}")
 
-        sids = load_semantic_ids(config, dataset)
+        sids = self._load_semantic_ids(config, dataset)
         if sids.codes.shape[0] != self.n_items:
             raise GenRecError(
                 f"semantic IDs cover {sids.codes.shape[0]} items but the dataset has {self.n_items}: "
@@ -63,6 +63,11 @@ class TIGER(SequentialRecommender):
         self._trie_cpu = sids.trie
         self._trie_by_device = {}
         self.last_eval_seconds = 0.0
+
+    def _load_semantic_ids(self, config, dataset):
+        """The semantic IDs the layout is built from (called once in ``__init__``); derived models that
+        derive their own codes (ETEGRec) override it."""
+        return load_semantic_ids(config, dataset)
 
     # ---- inputs ------------------------------------------------------------------------------
     def encoder_input(self, interaction):

@@ -92,7 +92,10 @@ def kmeans(x, k, iters=30, generator=None, tol=1e-6):
 
 
 class Tokenizer:
-    """Base class: ``fit(embeddings [n, d]) -> codes LongTensor [n, L]``.
+    """Base class: ``fit(embeddings [n, d], cf_embeddings=None) -> codes LongTensor [n, L]``.
+
+    ``cf_embeddings`` (optional ``[n, d_cf]``, row-aligned with ``embeddings``) are collaborative item
+    embeddings; a tokenizer with ``needs_cf_embeddings = True`` (LETTER) requires them, the others ignore them.
 
     After ``fit``: ``soft_probs`` (list of L ``[n, K_l]`` tensors, or ``None`` when ``keep_soft=False``),
     ``codebook_sizes`` (list of L ints), ``stats`` (JSON-able dict), and
@@ -100,6 +103,7 @@ class Tokenizer:
     """
 
     name = "base"
+    needs_cf_embeddings = False
 
     def __init__(self, num_layers=3, codebook_size=256, seed=2020, device="cpu", kmeans_iters=30,
                  keep_soft=True, **kwargs):
@@ -118,7 +122,7 @@ class Tokenizer:
     def generator(self, offset=0):
         return torch.Generator().manual_seed(self.seed + offset)
 
-    def fit(self, embeddings):
+    def fit(self, embeddings, cf_embeddings=None):
         raise NotImplementedError
 
     def last_layer_distances(self, rows):

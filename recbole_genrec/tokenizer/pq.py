@@ -11,7 +11,7 @@ from recbole_genrec.tokenizer.base import Tokenizer, kmeans, soft_assign
 class PQTokenizer(Tokenizer):
     name = "pq"
 
-    def fit(self, embeddings):
+    def fit(self, embeddings, cf_embeddings=None):
         start = time.perf_counter()
         x = embeddings.to(self.device, torch.float32)
         if x.shape[1] < self.num_layers:

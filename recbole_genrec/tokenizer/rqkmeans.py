@@ -22,7 +22,7 @@ class RQKMeansTokenizer(Tokenizer):
                                           return_counts=True)
         return (counts[inverse] > 1).nonzero().flatten()
 
-    def fit(self, embeddings):
+    def fit(self, embeddings, cf_embeddings=None):
         start = time.perf_counter()
         residual = embeddings.to(self.device, torch.float32).clone()
         codes, soft, mse, self.codebooks = [], [], [], []

@@ -13,11 +13,21 @@ residual k-means on the latents (TIGER: "k-means initialisation"), then trains e
 utilisation high.
 """
 import time
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from recbole_genrec.tokenizer.base import Tokenizer, kmeans, nearest, soft_assign
+
+
+class RQVAEOutput(NamedTuple):
+    recon: torch.Tensor  # ||x - x_hat||^2, batch mean
+    q_loss: torch.Tensor  # sum_l ||sg[r_l] - e_l||^2 + beta ||r_l - sg[e_l]||^2, batch mean
+    codes: Optional[torch.Tensor]  # [n, L]
+    z_st: torch.Tensor  # [n, d] straight-through quantised latent
+    residuals: Optional[torch.Tensor]  # [L, n, d] the vectors quantised at each layer
+    x_hat: torch.Tensor  # [n, d_in] reconstruction
 
 
 def _mlp(dims):
@@ -50,15 +60,21 @@ class RQVAE(nn.Module):
         return torch.stack(codes, 1), z_hat, residuals, chosen
 
     def forward(self, x, beta, quantise=True):
+        """The RQ-VAE loss terms and what regularised variants need (LETTER, ETEGRec), as an :class:`RQVAEOutput`.
+
+        ``z_st`` is the straight-through quantised latent (value ``z_hat``, gradient to the encoder), or ``z``
+        itself when not quantising (autoencoder warm-up: ``q_loss = 0``, no codes/residuals).
+        """
         z = self.encoder(x)
         if not quantise:
-            return ((self.decoder(z) - x) ** 2).sum(1).mean(), z.new_zeros(()), None
+            x_hat = self.decoder(z)
+            return RQVAEOutput(((x_hat - x) ** 2).sum(1).mean(), z.new_zeros(()), None, z, None, x_hat)
         codes, z_hat, residuals, chosen = self.quantise(z)
         q_loss = sum(((r.detach() - e) ** 2).sum(1).mean() + beta * ((r - e.detach()) ** 2).sum(1).mean()
                      for r, e in zip(residuals, chosen))
         z_st = z + (z_hat - z).detach()  # straight-through estimator
-        recon = ((self.decoder(z_st) - x) ** 2).sum(1).mean()
-        return recon, q_loss, codes
+        x_hat = self.decoder(z_st)
+        return RQVAEOutput(((x_hat - x) ** 2).sum(1).mean(), q_loss, codes, z_st, torch.stack(residuals), x_hat)
 
 
 class RQVAETokenizer(Tokenizer):
@@ -97,7 +113,7 @@ class RQVAETokenizer(Tokenizer):
             residual = residual - book[idx]
         return reseeded
 
-    def fit(self, embeddings):
+    def fit(self, embeddings, cf_embeddings=None):
         start = time.perf_counter()
         x = embeddings.to(self.device, torch.float32)
         n = x.shape[0]
@@ -116,24 +132,43 @@ class RQVAETokenizer(Tokenizer):
                 self._init_codebooks(x)
             self.model.train()
             order = torch.randperm(n, generator=gen).to(self.device)
-            tot = [0.0, 0.0]
+            tot, extra_tot = [0.0, 0.0], {}
+            if quantise:
+                self.epoch_start(epoch - warmup)
             for s in range(0, n, self.batch_size):
-                recon, q_loss, _ = self.model(x[order[s:s + self.batch_size]], self.commitment, quantise)
-                loss = recon + q_loss
+                rows = order[s:s + self.batch_size]
+                recon, q_loss, codes, z_q = self.model(x[rows], self.commitment, quantise)[:4]
+                extra = self.extra_losses(rows, codes, z_q) if quantise else {}
+                loss = recon + q_loss + sum(extra.values())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                tot[0] += float(recon.detach()) * min(self.batch_size, n - s)
-                tot[1] += float(q_loss.detach()) * min(self.batch_size, n - s)
+                tot[0] += float(recon.detach()) * len(rows)
+                tot[1] += float(q_loss.detach()) * len(rows)
+                for name, value in extra.items():
+                    extra_tot[name] = extra_tot.get(name, 0.0) + float(value.detach()) * len(rows)
             if quantise and epoch - warmup < settle and (epoch - warmup) % 5 == 4:
                 self.model.eval()
                 reseeded += self._reseed_dead_codes(x, gen)
-            history.append([tot[0] / n, tot[1] / n])
+            history.append([tot[0] / n, tot[1] / n, {k: v / n for k, v in extra_tot.items()}])
         codes = self._encode_all(x)
         self.stats = {"fit_seconds": round(time.perf_counter() - start, 3), "warmup_epochs": warmup,
                       "final_recon_loss": history[-1][0], "final_quant_loss": history[-1][1],
+                      **{f"final_{k}_loss": v for k, v in history[-1][2].items()},
                       "dead_codes_reseeded": int(reseeded), **self.stats}
         return codes
+
+    # ---- hooks for regularised variants (LETTER) -----------------------------------------------
+    def epoch_start(self, epoch):
+        """Called before each quantised epoch (``epoch`` counts from 0 after the warm-up)."""
+
+    def extra_losses(self, rows, codes, z_q):
+        """Weighted extra loss terms ``{name: scalar}`` added to the batch loss once quantising starts.
+
+        ``rows``: the batch's row indices into the fitted embeddings; ``codes`` ``[B, L]``: their codes;
+        ``z_q`` ``[B, d]``: straight-through quantised latents. Plain RQ-VAE adds nothing.
+        """
+        return {}
 
     @torch.no_grad()
     def _init_codebooks(self, x):

@@ -84,7 +84,13 @@ class SafeCheckpointMixin:
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
             return
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        state = {
+        atomic_torch_save(self._checkpoint_state(epoch), saved_model_file)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def _checkpoint_state(self, epoch):
+        """What a checkpoint holds (tensors and plain values only); subclasses add their own keys."""
+        return {
             "config": to_jsonable(self.config.final_config_dict),
             "epoch": epoch,
             "cur_step": self.cur_step,
@@ -93,9 +99,6 @@ class SafeCheckpointMixin:
             "other_parameter": self.model.other_parameter(),
             "optimizer": self.optimizer.state_dict(),
         }
-        atomic_torch_save(state, saved_model_file)
-        if verbose:
-            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
     def load_model_weights(self, checkpoint_file):
         checkpoint = load_checkpoint(checkpoint_file, map_location=self.device)

@@ -1,0 +1,129 @@
+"""Alternating tokenizer / recommender training (ETEGRec, Liu et al. SIGIR 2025, Sec. 3.4 and 4.1.5; reused by SODA).
+
+Each cycle trains the item tokenizer for ``cycle_tokenizer_epochs`` epochs (recommender frozen), then the
+recommender for ``cycle_recommender_epochs`` epochs (tokenizer frozen); the official ETEGRec code uses
+``cycle: 2`` = one epoch of each, tokenizer first. After ``alternating_epochs`` epochs (``~``: never)
+only the recommender trains (the official code's closing fine-tuning stage, without its reload).
+
+Model-side protocol (what the trainer calls; the model owns which parameters belong to which phase):
+
+* ``model.phase_parameters(phase) -> list[nn.Parameter]``: the parameters one phase trains; each
+  phase gets its own optimizer (``learning_rate_tokenizer`` / ``learning_rate``, weight decay
+  ``weight_decay_tokenizer`` / ``weight_decay``), so Adam moments never mix across phases.
+* ``model.set_phase(phase, epoch)``: freeze the other phase's parameters (``requires_grad=False``)
+  and select the phase's loss in ``calculate_loss``; ``epoch`` lets the model schedule loss weights.
+* ``model.refresh_item_ids() -> int``: re-derive every item's ID from the tokenizer after each
+  tokenizer epoch (layout codes, item tokens, trie, anything cached); returns how many items changed.
+
+Validation runs only after recommender epochs unless ``validate_tokenizer_epochs`` is True (right
+after a tokenizer epoch the recommender has not yet seen the new IDs). Checkpoints add every phase's
+optimizer state and the phase; the model's own state dict carries the tokenizer weights and the codes.
+"""
+from recbole_genrec.trainer.trainer import Trainer
+from recbole_genrec.utils import GenRecError
+
+PHASES = ("tokenizer", "recommender")
+
+
+def _int_setting(config, key, default, minimum):
+    value = config[key] if config[key] is not None else default
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise GenRecError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class AlternatingSchedule:
+    """Which phase trains in which epoch: ``cycle_tokenizer_epochs`` then ``cycle_recommender_epochs``, repeated;
+    from ``alternating_epochs`` on (``None``: never) only the recommender."""
+
+    def __init__(self, tokenizer_epochs=1, recommender_epochs=1, alternating_epochs=None):
+        self.tokenizer_epochs = int(tokenizer_epochs)
+        self.recommender_epochs = int(recommender_epochs)
+        self.alternating_epochs = alternating_epochs
+        if self.recommender_epochs < 1 or self.tokenizer_epochs < 0:
+            raise GenRecError("cycle_recommender_epochs must be >= 1 and cycle_tokenizer_epochs >= 0")
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(_int_setting(config, "cycle_tokenizer_epochs", 1, 0),
+                   _int_setting(config, "cycle_recommender_epochs", 1, 1),
+                   _int_setting(config, "alternating_epochs", None, 0))
+
+    def phase(self, epoch):
+        if self.alternating_epochs is not None and epoch >= self.alternating_epochs:
+            return "recommender"
+        cycle = self.tokenizer_epochs + self.recommender_epochs
+        return "tokenizer" if epoch % cycle < self.tokenizer_epochs else "recommender"
+
+
+class AlternatingTrainer(Trainer):
+    """Safe-checkpoint RecBole trainer that alternates tokenizer and recommender phases (see module doc)."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        for method in ("phase_parameters", "set_phase", "refresh_item_ids"):
+            if not callable(getattr(model, method, None)):
+                raise GenRecError(f"{type(model).__name__} cannot train with AlternatingTrainer: it lacks "
+                                  f"{method}(); implement the protocol of recbole_genrec/trainer/alternating.py")
+        self.schedule = AlternatingSchedule.from_config(config)
+        self.validate_tokenizer_epochs = bool(config["validate_tokenizer_epochs"])
+        tok_lr = config["learning_rate_tokenizer"]
+        tok_wd = config["weight_decay_tokenizer"]
+        settings = {"tokenizer": (float(tok_lr) if tok_lr is not None else self.learning_rate,
+                                  float(tok_wd) if tok_wd is not None else self.weight_decay),
+                    "recommender": (self.learning_rate, self.weight_decay)}
+        self.phase_optimizers = {}
+        for phase in PHASES:
+            params = [p for p in model.phase_parameters(phase)]
+            if not params:
+                raise GenRecError(f"{type(model).__name__}.phase_parameters({phase!r}) is empty")
+            lr, wd = settings[phase]
+            self.phase_optimizers[phase] = self._build_optimizer(params=params, learning_rate=lr, weight_decay=wd)
+        self.optimizer = self.phase_optimizers["recommender"]
+        self.phase = None
+        self._eval_step = self.eval_step
+        self.phase_history = []  # (epoch, phase, items whose ID changed or None)
+
+    def _enter_phase(self, epoch_idx):
+        phase = self.schedule.phase(epoch_idx)
+        if phase != self.phase:
+            self.logger.info(f"epoch {epoch_idx}: switching to the {phase} phase"
+                             + (f" (was {self.phase})" if self.phase else ""))
+        self.phase = phase
+        self.optimizer = self.phase_optimizers[phase]
+        self.model.set_phase(phase, epoch_idx)
+        return phase
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        phase = self._enter_phase(epoch_idx)
+        loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        changed = None
+        if phase == "tokenizer":
+            changed = int(self.model.refresh_item_ids())
+            self.logger.info(f"epoch {epoch_idx}: item IDs refreshed from the tokenizer, "
+                             f"{changed} items changed their ID")
+        self.phase_history.append((epoch_idx, phase, changed))
+        # RecBole's fit validates when (epoch + 1) % eval_step == 0: skip tokenizer epochs by making
+        # that test fail for this epoch only.
+        validate = phase == "recommender" or self.validate_tokenizer_epochs
+        self.eval_step = self._eval_step if validate else epoch_idx + 2
+        return loss
+
+    def _checkpoint_state(self, epoch):
+        state = super()._checkpoint_state(epoch)
+        state["phase"] = self.phase
+        state["phase_optimizers"] = {k: opt.state_dict() for k, opt in self.phase_optimizers.items()}
+        return state
+
+    def resume_checkpoint(self, resume_file):
+        checkpoint = self.load_model_weights(str(resume_file))
+        self.saved_model_file = str(resume_file)
+        self.start_epoch = checkpoint["epoch"] + 1
+        self.cur_step = checkpoint["cur_step"]
+        self.best_valid_score = checkpoint["best_valid_score"]
+        for phase, state in (checkpoint.get("phase_optimizers") or {}).items():
+            if phase in self.phase_optimizers:
+                self.phase_optimizers[phase].load_state_dict(state)
+        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
