@@ -24,7 +24,7 @@ class LETTER(TIGER):
         if not self.ranking_temperature > 0:
             raise GenRecError(f"ranking_temperature must be > 0, got {self.ranking_temperature}")
 
-    def token_loss(self, logits, codes):
+    def token_loss(self, logits, codes, interaction=None):
         """LETTER's ranking-guided generation loss: cross-entropy of ``logits / tau`` per ID token."""
         return token_cross_entropy(logits, codes, temperature=self.ranking_temperature)
 

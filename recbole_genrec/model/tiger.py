@@ -7,7 +7,7 @@ turned into a ``[batch, n_items]`` score tensor for RecBole's metrics.
 
 Extension points for TIGER++ / TokenWeightedTIGER / SODA / LETTER:
 ``encoder_input(interaction)``, ``target_codes(interaction)``, ``compute_token_logits(interaction)``
-(``[B, L, K_max]``), ``token_loss(logits, codes)``, ``beam_search(input_ids, mask, beam_size)``.
+(``[B, L, K_max]``), ``token_loss(logits, codes, interaction)``, ``beam_search(input_ids, mask, beam_size)``.
 """
 import time
 
@@ -94,12 +94,14 @@ class TIGER(SequentialRecommender):
         codes = self.target_codes(interaction)
         return self.backbone(input_ids, mask, self.layout.decoder_input(codes))
 
-    def token_loss(self, logits, codes):
+    def token_loss(self, logits, codes, interaction=None):
+        """The training loss on per-layer logits ``[B, L, K_max]`` and target codes ``[B, L]``; ``interaction``
+        (the batch, when called from :meth:`calculate_loss`) lets derived losses read the target items."""
         return token_cross_entropy(logits, codes)
 
     def calculate_loss(self, interaction):
         interaction = self._sample_prefixes(interaction)
-        return self.token_loss(self.compute_token_logits(interaction), self.target_codes(interaction))
+        return self.token_loss(self.compute_token_logits(interaction), self.target_codes(interaction), interaction)
 
     # ---- evaluation ---------------------------------------------------------------------------
     def trie_on(self, device):

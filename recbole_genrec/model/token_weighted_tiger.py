@@ -193,19 +193,14 @@ class TokenWeightedTIGER(TIGER):
         return self.weights_plot_path
 
     # ---- loss -----------------------------------------------------------------------------------
-    def calculate_loss(self, interaction):
-        interaction = self._sample_prefixes(interaction)
-        logits = self.compute_token_logits(interaction)
-        item = interaction[self.POS_ITEM_ID]
-        loss = self.weighted_token_loss(logits, self.layout.target_codes(item), item)
-        if self.training:
+    def token_loss(self, logits, codes, interaction=None):
+        """TIGER's loss hook: the selected objective; the item-dependent weights read the batch's target items.
+        A training call advances the global step t of the schedules and the curriculum."""
+        item = interaction[self.POS_ITEM_ID] if interaction is not None else None
+        loss = self.weighted_token_loss(logits, codes, item)
+        if self.training and interaction is not None:
             self.global_step += 1
         return loss
-
-    def token_loss(self, logits, codes):
-        """TIGER's hook (codes only): plain CE for ``ce``/``rank``/``pos``/``cft``; the item-dependent
-        objectives need the target items and go through :meth:`weighted_token_loss`."""
-        return self.weighted_token_loss(logits, codes, None)
 
     @staticmethod
     def _scaled_ce(logits, codes, scale):
