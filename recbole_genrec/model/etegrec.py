@@ -256,7 +256,8 @@ class ETEGRec(TIGER):
             encoder_hidden = self.backbone.encode(input_ids, mask)
             decoder_hidden, _ = self.backbone.decode(self.layout.decoder_input(codes), encoder_hidden, mask)
         zero = decoder_hidden.new_zeros(())
-        ce = zero if tokenizer_phase else self.token_loss(self.backbone.layer_logits(decoder_hidden), codes, interaction)
+        ce = zero if tokenizer_phase else self.token_loss(self.backbone.layer_logits(decoder_hidden), codes,
+                                                          interaction)
         vq = sia = psa = zero
         if tokenizer_phase or align:
             rows = first_occurrence(target)  # distinct targets: no false negatives in PSA (official code)

@@ -117,13 +117,7 @@ class AlternatingTrainer(Trainer):
         state["phase_optimizers"] = {k: opt.state_dict() for k, opt in self.phase_optimizers.items()}
         return state
 
-    def resume_checkpoint(self, resume_file):
-        checkpoint = self.load_model_weights(str(resume_file))
-        self.saved_model_file = str(resume_file)
-        self.start_epoch = checkpoint["epoch"] + 1
-        self.cur_step = checkpoint["cur_step"]
-        self.best_valid_score = checkpoint["best_valid_score"]
+    def _restore_optimizers(self, checkpoint):
         for phase, state in (checkpoint.get("phase_optimizers") or {}).items():
             if phase in self.phase_optimizers:
                 self.phase_optimizers[phase].load_state_dict(state)
-        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")

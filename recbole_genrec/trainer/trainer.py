@@ -113,8 +113,12 @@ class SafeCheckpointMixin:
         self.start_epoch = checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
         self.best_valid_score = checkpoint["best_valid_score"]
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self._restore_optimizers(checkpoint)
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+    def _restore_optimizers(self, checkpoint):
+        """Optimizer state from a checkpoint (subclasses with several optimizers override this)."""
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if eval_data and load_best_model:
