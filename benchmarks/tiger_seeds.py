@@ -31,7 +31,7 @@ def _ids_stem(config):
         f"{config['dataset']}-{tok}-seed{config['seed']}"
 
 
-def export(dataset, seeds, out, model="TIGER"):
+def export(dataset, seeds, out, model="TIGER", extra=None):
     from safetensors.torch import save_file
 
     from recbole_genrec.data.semantic_ids import build_semantic_ids
@@ -39,7 +39,8 @@ def export(dataset, seeds, out, model="TIGER"):
 
     os.makedirs(out, exist_ok=True)
     for seed in seeds:
-        config = load_config(model, dataset, config_dict={"seed": seed, "state": "WARNING", "device": "cpu"})
+        config = load_config(model, dataset, config_dict={"seed": seed, "state": "WARNING", "device": "cpu"},
+                             cmd_args=list(extra or []))
         ds, *_ = prepare_data(config)
         sids = build_semantic_ids(config, ds)
         base = os.path.join(out, _ids_stem(config))
@@ -116,7 +117,8 @@ def main():
     model = opts.pop("model", "TIGER")
     seeds = [int(s) for s in opts.pop("seeds", "2020,2021,2022").split(",")]
     if mode == "export":
-        export(dataset, seeds, opts.pop("out", "shared_ids"), model)
+        out = opts.pop("out", "shared_ids")
+        export(dataset, seeds, out, model, [f"--{k}={v}" for k, v in opts.items()])
         return 0
     if mode == "run_one":
         seed = int(opts.pop("seed"))
