@@ -1,7 +1,7 @@
 """TIGER training throughput vs the machine's matmul peak, with stock SASRec beside it.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_tiger_training.py --dataset=ml-100k [--steps=20] [--device=cpu]
-        [--attn=sdpa,eager] [--sasrec] [--loader] [--json=out.json]
+        [--attn=sdpa,eager] [--sasrec] [--loader] [--profile] [--batch_size=N] [--json=out.json]
 
 For each configuration it times ``--steps`` optimizer steps on real training batches (RecBole's
 dataloader, all-prefix augmentation), counts the FLOPs of one step with
@@ -41,7 +41,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_model(model_name, dataset, steps, device, extra=None, amp=False):
+def bench_model(model_name, dataset, steps, device, extra=None, amp=False, profile=False):
     from torch.utils.flop_counter import FlopCounterMode
 
     from recbole_genrec.quick_start import build_model_and_trainer, load_config, prepare_data
@@ -74,7 +74,20 @@ def bench_model(model_name, dataset, steps, device, extra=None, amp=False):
     sync(device)
     sec_step = (time.perf_counter() - t) / max(1, len(batches) - 2)
     n_batches = len(train)
+    top_ops = None
+    if profile:  # where a step's time goes: self time per aten op over two more steps
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for b in batches[-2:]:
+                step(b)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        top_ops = [{"op": e.key, "self_share": round(e.self_cpu_time_total / total, 3), "calls": e.count}
+                   for e in events[:12]]
     return {
+        "top_ops": top_ops,
         "model": model_name, "config": extra or {}, "amp_bf16": amp, "train_examples": len(train.dataset),
         "batch_size": config["train_batch_size"], "batches_per_epoch": n_batches,
         "seconds_per_step": sec_step, "seconds_per_epoch_est": sec_step * n_batches,
@@ -107,6 +120,8 @@ def main():
     p.add_argument("--sasrec", action="store_true")
     p.add_argument("--loader", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true", help="also print the top ops by self CPU time")
+    p.add_argument("--batch_size", type=int, default=None, help="override train_batch_size")
     p.add_argument("--ids", default=None, help="semantic IDs exported by benchmarks/tiger_seeds.py (no text encoder)")
     args = p.parse_args()
     if args.ids:
@@ -121,13 +136,18 @@ def main():
         out["matmul_peak_bf16_flops_per_s"] = matmul_peak(args.device, n=8192, dtype=torch.bfloat16)
     for attn in args.attn.split(","):
         for amp in ([False, True] if args.amp else [False]):
-            r = bench_model("TIGER", args.dataset, args.steps, args.device, {"attn_implementation": attn}, amp=amp)
+            extra = {"attn_implementation": attn}
+            if args.batch_size:
+                extra["train_batch_size"] = args.batch_size
+            r = bench_model("TIGER", args.dataset, args.steps, args.device, extra, amp=amp, profile=args.profile)
             out["runs"].append(r)
             print(f"TIGER attn={attn} bf16={amp}: {r['seconds_per_step']:.3f} s/step, "
                   f"~{r['seconds_per_epoch_est']:.0f} s/epoch ({r['batches_per_epoch']} batches of "
                   f"{r['batch_size']}), {r['tflop_per_epoch']:.1f} TFLOP/epoch, "
                   f"{r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * r['achieved_flops_per_s'] / peak:.0f}% "
                   f"of fp32 matmul peak", flush=True)
+            for op in r["top_ops"] or []:
+                print(f"    {op['op']:<32} {100 * op['self_share']:5.1f}% of self CPU time ({op['calls']} calls)")
     if args.sasrec:
         r = bench_model("SASRec", args.dataset, args.steps, args.device)
         out["runs"].append(r)
