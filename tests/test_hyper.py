@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,18 @@ def test_trials_use_the_drivers_yaml_layers(tiny_dataset, tmp_path):
     config = trial_config(spec, {**tiny_settings(data_path), "learning_rate": 0.01})
     assert config["hidden_dropout_prob"] == 0.3 and config["learning_rate"] == 0.01
     assert data_changes(base, config)[0] is None
+
+
+@pytest.mark.parametrize("space_file", sorted((Path(__file__).parent.parent / "properties" / "hyper").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_search_space_names_keys_its_model_knows(space_file, tiny_dataset):
+    """A provisional or misspelt key in a shipped space would silently search nothing: each key must be set
+    in the model's resolved config (RecBole's defaults + the plugin's layers)."""
+    from recbole_genrec.config import Config
+
+    space = read_search_space(space_file)
+    assert space, f"{space_file} is empty"
+    data_path, name = tiny_dataset
+    config = Config(space_file.stem, name, config_dict=tiny_config_dict(data_path))
+    unknown = [key for key in space if key not in config.final_config_dict]
+    assert not unknown, f"{space_file.name}: keys not in {space_file.stem}'s config: {unknown}"
