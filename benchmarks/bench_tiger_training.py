@@ -1,7 +1,7 @@
 """TIGER training throughput vs the machine's matmul peak, with stock SASRec beside it.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_tiger_training.py --dataset=ml-100k [--steps=20] [--device=cpu]
-        [--attn=sdpa,eager] [--sasrec] [--loader] [--profile] [--batch_size=N] [--json=out.json]
+        [--attn=sdpa,eager] [--sasrec] [--loader] [--profile] [--malloc_reuse=0|1] [--batch_size=N] [--json=out.json]
 
 For each configuration it times ``--steps`` optimizer steps on real training batches (RecBole's
 dataloader, all-prefix augmentation), counts the FLOPs of one step with
@@ -10,11 +10,16 @@ dataloader, all-prefix augmentation), counts the FLOPs of one step with
 * seconds/step, seconds/epoch (= seconds/step x batches per epoch), TFLOP per epoch;
 * achieved FLOP/s and its share of the measured fp32 matmul peak (``torch.mm`` 2048^3, same threads);
 * ``--sasrec``: the same for RecBole's SASRec (its yaml defaults + the shared protocol);
-* ``--loader``: the time of one pass over RecBole's training dataloader alone (no model).
+* ``--loader``: the time of one pass over RecBole's training dataloader alone (no model);
+* ``THP_MEM_ALLOC_ENABLE=0 ... --malloc_reuse=0``: the allocator left as glibc and PyTorch set it (default:
+  huge pages and ``malloc_reuse``, see ``recbole_genrec.utils.keep_freed_memory_for_reuse``); page faults and user/system CPU seconds per step are
+  printed for every run, so two processes, one with each value, compare them;
+* ``--profile``: the top ops by self CPU time.
 """
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -68,11 +73,17 @@ def bench_model(model_name, dataset, steps, device, extra=None, amp=False, profi
         step(batches[1])
     flops_step = counter.get_total_flops()
     sync(device)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
     for b in batches[2:]:
         step(b)
     sync(device)
-    sec_step = (time.perf_counter() - t) / max(1, len(batches) - 2)
+    timed = max(1, len(batches) - 2)
+    sec_step = (time.perf_counter() - t) / timed
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    kernel = {"page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / timed,
+              "user_cpu_seconds_per_step": (after.ru_utime - usage.ru_utime) / timed,
+              "system_cpu_seconds_per_step": (after.ru_stime - usage.ru_stime) / timed}
     n_batches = len(train)
     top_ops = None
     if profile:  # where a step's time goes: self time per aten op over two more steps
@@ -87,7 +98,7 @@ def bench_model(model_name, dataset, steps, device, extra=None, amp=False, profi
         top_ops = [{"op": e.key, "self_share": round(e.self_cpu_time_total / total, 3), "calls": e.count}
                    for e in events[:12]]
     return {
-        "top_ops": top_ops,
+        "top_ops": top_ops, **kernel,
         "model": model_name, "config": extra or {}, "amp_bf16": amp, "train_examples": len(train.dataset),
         "batch_size": config["train_batch_size"], "batches_per_epoch": n_batches,
         "seconds_per_step": sec_step, "seconds_per_epoch_est": sec_step * n_batches,
@@ -121,6 +132,8 @@ def main():
     p.add_argument("--loader", action="store_true")
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true", help="also print the top ops by self CPU time")
+    p.add_argument("--malloc_reuse", type=int, default=1, choices=(0, 1),
+                   help="0: glibc's and PyTorch's default allocation (run once with 0, once with 1 to compare)")
     p.add_argument("--batch_size", type=int, default=None, help="override train_batch_size")
     p.add_argument("--ids", default=None, help="semantic IDs exported by benchmarks/tiger_seeds.py (no text encoder)")
     args = p.parse_args()
@@ -128,6 +141,10 @@ def main():
         from benchmarks.tiger_seeds import use_exported_ids
 
         use_exported_ids(args.ids)
+    if args.malloc_reuse:  # before the first large allocation (matmul_peak's)
+        from recbole_genrec.utils import keep_freed_memory_for_reuse
+
+        keep_freed_memory_for_reuse()
     peak = matmul_peak(args.device)
     out = {"device": args.device, "threads": torch.get_num_threads(), "matmul_peak_fp32_flops_per_s": peak,
            "runs": []}
@@ -136,12 +153,15 @@ def main():
         out["matmul_peak_bf16_flops_per_s"] = matmul_peak(args.device, n=8192, dtype=torch.bfloat16)
     for attn in args.attn.split(","):
         for amp in ([False, True] if args.amp else [False]):
-            extra = {"attn_implementation": attn}
+            reuse = bool(args.malloc_reuse)
+            extra = {"attn_implementation": attn, "malloc_reuse": reuse}
             if args.batch_size:
                 extra["train_batch_size"] = args.batch_size
             r = bench_model("TIGER", args.dataset, args.steps, args.device, extra, amp=amp, profile=args.profile)
             out["runs"].append(r)
-            print(f"TIGER attn={attn} bf16={amp}: {r['seconds_per_step']:.3f} s/step, "
+            print(f"TIGER attn={attn} bf16={amp} malloc_reuse={reuse}: {r['seconds_per_step']:.3f} s/step "
+                  f"(CPU s/step user {r['user_cpu_seconds_per_step']:.2f} + system "
+                  f"{r['system_cpu_seconds_per_step']:.2f}, {r['page_faults_per_step']:.0f} page faults), "
                   f"~{r['seconds_per_epoch_est']:.0f} s/epoch ({r['batches_per_epoch']} batches of "
                   f"{r['batch_size']}), {r['tflop_per_epoch']:.1f} TFLOP/epoch, "
                   f"{r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * r['achieved_flops_per_s'] / peak:.0f}% "

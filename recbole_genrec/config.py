@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from recbole.config.configurator import Config as RecBoleConfig
 
-from recbole_genrec.utils import GenRecError, get_model
+from recbole_genrec.utils import GenRecError, get_model, keep_freed_memory_for_reuse
 
 PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
 
@@ -56,6 +56,8 @@ class Config(RecBoleConfig):
         # torch.autograd.set_detect_anomaly(True) for the whole process and slows every backward pass
         # (benchmarks/bench_anomaly_detection.py). Off unless the config asks for it.
         torch.autograd.set_detect_anomaly(bool(self.final_config_dict.get("detect_anomaly", False)))
+        if self.final_config_dict.get("malloc_reuse", True):
+            keep_freed_memory_for_reuse()
         self._check_types()
         self._check_protocol()
 

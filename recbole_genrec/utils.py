@@ -14,6 +14,32 @@ class GenRecError(Exception):
     """A user-facing error: the message is one line that says what to change."""
 
 
+# ---- process-wide settings ------------------------------------------------------------------
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
+
+
+def keep_freed_memory_for_reuse():
+    """Linux/glibc: stop large CPU tensors from being faulted in again on every training step.
+
+    glibc maps each allocation above 32 MiB with ``mmap`` and unmaps it on free, and PyTorch's 64-byte-aligned
+    allocations are refaulted page by page even from the heap, so each step's activations cost hundreds of
+    thousands of page faults (a large share of a TIGER step went to the kernel on 2 CPU cores:
+    ``benchmarks/bench_tiger_training.py --malloc_reuse=0`` vs ``1``). Two switches fix it: here glibc keeps
+    freed memory in the process (``mallopt``: no ``mmap``, trim only above 1 GiB); and importing
+    ``recbole_genrec`` sets ``THP_MEM_ALLOC_ENABLE=1`` (unless set), so PyTorch allocates tensors of 2 MiB or
+    more on transparent huge pages. Returns whether ``mallopt`` was applied (False off glibc, e.g. macOS).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
 # ---- model registry -------------------------------------------------------------------------
 def plugin_models():
     """Names the plugin provides, mapped to ``module:Class`` (see ``recbole_genrec/model/__init__.py``)."""

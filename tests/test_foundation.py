@@ -144,3 +144,34 @@ def test_train_time_budget_stops_at_an_epoch_boundary_and_tests_the_best_checkpo
     assert set(record["test_result"]) == METRIC_KEYS and os.path.exists(record["checkpoint"])
     unlimited = run_recbole_genrec("SASRec", name, config_dict={**config_dict, "epochs": 2, "train_time_budget": None})
     assert unlimited["timings"]["epochs_trained"] == 2 and unlimited["timings"]["stopped_by_time_budget"] is False
+
+
+FAULTS_SCRIPT = """
+import resource, sys
+if sys.argv[1] == "reuse":
+    import recbole_genrec  # sets THP_MEM_ALLOC_ENABLE before PyTorch's first allocation
+    from recbole_genrec.utils import keep_freed_memory_for_reuse
+    assert keep_freed_memory_for_reuse()
+import torch
+torch.empty(16 * 2**20).fill_(1.0)  # warm up: the first 64 MiB block is faulted in either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.empty(16 * 2**20).fill_(1.0)  # a 64 MiB activation, freed at the end of each "step"
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_reuse_stops_refaulting_freed_activations():
+    import subprocess
+
+    def faults(mode, thp):
+        env = {**os.environ, "THP_MEM_ALLOC_ENABLE": thp}
+        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True,
+                             env=env)
+        return int(out.stdout.split()[-1])
+
+    default = faults("default", "0")
+    assert default > 10 * 16384 * 0.9  # glibc maps and unmaps each 64 MiB block: every 4 KiB page faults again
+    reuse = faults("reuse", "1")
+    assert reuse < default / 5
