@@ -14,6 +14,23 @@ class GenRecError(Exception):
     """A user-facing error: the message is one line that says what to change."""
 
 
+# ---- config values --------------------------------------------------------------------------
+def int_setting(config, key, default, minimum=1):
+    """``config[key]`` (``default`` when unset; ``None`` stays ``None``) checked to be an integer >= ``minimum``."""
+    value = config[key] if config[key] is not None else default
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise GenRecError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def seconds_setting(config, key):
+    """``config[key]``: ``None`` (no limit) or a positive number of seconds."""
+    value = config[key]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        raise GenRecError(f"{key} must be a positive number of seconds or ~, got {value!r}")
+    return value
+
+
 # ---- process-wide settings ------------------------------------------------------------------
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
 

@@ -214,6 +214,8 @@ def test_bad_settings_are_one_line_errors(tiny_dataset, run_dirs, fake_sids):
         build(*tiny_dataset, tokenizer="pq")
     with pytest.raises(GenRecError, match="cycle_recommender_epochs"):
         build(*tiny_dataset, cycle_recommender_epochs=0)
+    with pytest.raises(GenRecError, match="collision_layer_size must be an integer >= 1, got 'abc'"):
+        build(*tiny_dataset, collision_layer_size="abc")
 
 
 def test_run_crosses_a_phase_switch_and_is_reproducible(tiny_dataset, run_dirs, fake_sids):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from recbole_genrec.data.cache import load_tensors, save_tensors, sha256_bytes, stable_hash
-from recbole_genrec.utils import GenRecError
+from recbole_genrec.utils import GenRecError, int_setting, seconds_setting
 
 CF_VERSION = 1
 # Settings copied from the run's config into the SASRec's: what defines the data, the split and the device.
@@ -50,15 +50,9 @@ def _isolated_rng():
 
 def cf_settings(config):
     """The SASRec settings of the collaborative embeddings (validated)."""
-    get = lambda k, d: d if config[k] is None else config[k]  # noqa: E731
-    epochs = get("letter_cf_epochs", 50)
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise GenRecError(f"letter_cf_epochs must be a positive integer, got {epochs!r}")
-    budget = config["letter_cf_time_budget"]
-    if budget is not None and (not isinstance(budget, (int, float)) or budget <= 0):
-        raise GenRecError(f"letter_cf_time_budget must be a positive number of seconds or ~, got {budget!r}")
-    return {"model": "SASRec", "epochs": epochs, "hidden_size": int(get("rqvae_latent_dim", 32)),
-            "train_time_budget": budget}
+    return {"model": "SASRec", "epochs": int_setting(config, "letter_cf_epochs", 50),
+            "hidden_size": int_setting(config, "rqvae_latent_dim", 32),
+            "train_time_budget": seconds_setting(config, "letter_cf_time_budget")}
 
 
 def _inter_file_fingerprint(config):

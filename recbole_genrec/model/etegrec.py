@@ -42,7 +42,7 @@ from recbole_genrec.model.tiger import TIGER
 from recbole_genrec.tokenizer.collision import append_index
 from recbole_genrec.tokenizer.trie import PrefixTrie
 from recbole_genrec.trainer.alternating import PHASES, AlternatingTrainer
-from recbole_genrec.utils import GenRecError
+from recbole_genrec.utils import GenRecError, int_setting
 
 
 # ---- losses (pure functions, tested by hand) ---------------------------------------------------
@@ -123,11 +123,8 @@ class ETEGRec(TIGER):
         if emb.dim() != 2 or emb.shape[0] != self.n_items:
             raise GenRecError(f"ETEGRec needs item embeddings [{self.n_items}, d], got {list(emb.shape)}: "
                               "delete the stale semantic-ID cache under cache_dir and rerun")
+        layer_size = int_setting(config, "collision_layer_size", settings["codebook_size"])
         rqvae = self._pretrained_rqvae(config, emb, settings)
-        layer_size = config["collision_layer_size"]
-        layer_size = int(settings["codebook_size"] if layer_size is None else layer_size)
-        if layer_size < 1:
-            raise GenRecError(f"collision_layer_size must be a positive integer, got {layer_size}")
         sizes = [settings["codebook_size"]] * settings["num_layers"] + [layer_size]
         codes = self._tokenize_items(rqvae, emb, layer_size)
         trie = PrefixTrie.from_codes(codes[1:], torch.arange(1, self.n_items), sizes)

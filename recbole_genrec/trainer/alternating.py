@@ -20,18 +20,9 @@ after a tokenizer epoch the recommender has not yet seen the new IDs). Checkpoin
 optimizer state and the phase; the model's own state dict carries the tokenizer weights and the codes.
 """
 from recbole_genrec.trainer.trainer import Trainer
-from recbole_genrec.utils import GenRecError
+from recbole_genrec.utils import GenRecError, int_setting
 
 PHASES = ("tokenizer", "recommender")
-
-
-def _int_setting(config, key, default, minimum):
-    value = config[key] if config[key] is not None else default
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise GenRecError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class AlternatingSchedule:
@@ -47,9 +38,9 @@ class AlternatingSchedule:
 
     @classmethod
     def from_config(cls, config):
-        return cls(_int_setting(config, "cycle_tokenizer_epochs", 1, 0),
-                   _int_setting(config, "cycle_recommender_epochs", 1, 1),
-                   _int_setting(config, "alternating_epochs", None, 0))
+        return cls(int_setting(config, "cycle_tokenizer_epochs", 1, 0),
+                   int_setting(config, "cycle_recommender_epochs", 1, 1),
+                   int_setting(config, "alternating_epochs", None, 0))
 
     def phase(self, epoch):
         if self.alternating_epochs is not None and epoch >= self.alternating_epochs:

@@ -13,7 +13,7 @@ import torch
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import get_local_time, set_color
 
-from recbole_genrec.utils import GenRecError, atomic_torch_save, to_jsonable
+from recbole_genrec.utils import GenRecError, atomic_torch_save, seconds_setting, to_jsonable
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -47,10 +47,7 @@ class SafeCheckpointMixin:
         self.saved_model_file = os.path.join(self.checkpoint_dir, f"{safe_model_name}-{unique}.pth")
         self.timings = {"train_epoch_seconds": [], "valid_epoch_seconds": [], "stopped_by_time_budget": False}
         self.last_valid_result = None
-        budget = config["train_time_budget"]
-        if budget is not None and (not isinstance(budget, (int, float)) or budget <= 0):
-            raise GenRecError(f"train_time_budget must be a positive number of seconds, got {budget!r}")
-        self.train_time_budget = budget
+        self.train_time_budget = seconds_setting(config, "train_time_budget")
         self._fit_start = None
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
