@@ -6,14 +6,11 @@
 #   bash benchmarks/device_family.sh collect            # copy result JSONs and logs to $OUT, print summaries
 # Needs .whl (recbole 1.2.1, colorlog, texttable, pandas 2.3.3, pytz, tzdata) and shared_ids/ carried
 # (`python benchmarks/tiger_seeds.py export --dataset=ml-100k --seeds=2020,2021,2022 --out=shared_ids`).
-OUT=${OUT:-/tmp/out}; W=/tmp/family; mkdir -p $OUT $W
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source benchmarks/device_env.sh
+W=/tmp/family; mkdir -p $W
 MODELS=${MODELS:-"TIGER TokenWeightedTIGER"}
 case "${1:-start}" in
 start)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  # numpy 2 dropped np.float/np.long, which RecBole 1.2.1's metrics still use
-  printf 'import numpy as np\nfor k, v in {"float": float, "int": int, "bool": bool, "long": int, "object": object}.items():\n    np.__dict__.setdefault(k, v)\n' > /tmp/site/sitecustomize.py
   for m in $MODELS; do
     setsid nohup env OMP_NUM_THREADS=2 python3 benchmarks/tiger_seeds.py run --model=$m --dataset=ml-100k \
       --seeds=2020,2021,2022 --ids=shared_ids --results=$W/results --logs=$W/logs --device=cuda \

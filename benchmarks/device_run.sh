@@ -2,16 +2,7 @@
 # bash benchmarks/device_run.sh [seeds|analysis|all]. One GPU-machine session (the `device` tool): 3-seed TIGER on ml-100k (CUDA), beam analysis and GPU beam
 # speed on the seed-2020 checkpoint, and the CPU benchmarks pinned to 2 cores (taskset) in parallel.
 # Needs: .whl (recbole 1.2.1, colorlog, texttable, pandas 2.3.3, pytz, tzdata) and shared_ids/ carried.
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-# numpy 2 dropped np.float/np.long, which RecBole 1.2.1's metrics still use
-cat > /tmp/site/sitecustomize.py <<'PY'
-import numpy as np
-for k, v in {"float": float, "int": int, "bool": bool, "long": int, "object": object}.items():
-    if k not in np.__dict__:
-        setattr(np, k, v)
-PY
+source benchmarks/device_env.sh
 EPOCHS=${EPOCHS:-50}
 STAGE=${1:-all}
 if [ "$STAGE" != analysis ]; then
