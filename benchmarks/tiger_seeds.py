@@ -5,18 +5,23 @@ its semantic IDs through ``recbole_genrec.model.tiger.load_semantic_ids``), with
     # --model picks the model yaml, hence the tokenizer (LETTER: tokenizer=letter)
     python benchmarks/tiger_seeds.py export [--model=TIGER] --dataset=ml-100k --seeds=2020,2021,2022 --out=shared_ids
     # anywhere (e.g. the GPU machine): train each seed through run_recbole_genrec, in parallel processes
-    python benchmarks/tiger_seeds.py run [--model=TIGER] --dataset=ml-100k --seeds=2020,2021,2022 --ids=shared_ids \
-        --results=results/seeds [--key=value ...]
+    python benchmarks/tiger_seeds.py run [--model=TIGER[,LETTER,...]] --dataset=ml-100k --seeds=2020,2021,2022 \
+        --ids=shared_ids --results=results/seeds [--parallel=N] [--config_dir=DIR] [--key=value ...]
     python benchmarks/tiger_seeds.py summary results/seeds/*.json
+    python benchmarks/tiger_seeds.py table --model=TIGER,LETTER --results=results/seeds [--columns=hit@10,ndcg@10]
 
-``run`` is exactly ``python run_recbole_genrec.py --model=M --dataset=... --seed=S``, except that the
-semantic IDs are read from the exported file of seed ``S`` (the same codes ``build_semantic_ids`` made for
-that seed and tokenizer) instead of being rebuilt from item text.
+``run`` queues every (model, seed) pair and keeps ``--parallel`` of them running (default: one per seed);
+``--config_dir`` adds ``DIR/common.yaml`` and ``DIR/<model>.yaml`` (where they exist) as ``--config_files``
+(``benchmarks/cpu_budget``: the README's equal short CPU budget). Each run is exactly
+``python run_recbole_genrec.py --model=M --dataset=... --seed=S``, except that the semantic IDs are read from
+the exported file of seed ``S`` (the same codes ``build_semantic_ids`` made for that seed and tokenizer)
+instead of being rebuilt from item text.
 """
 import json
 import os
 import subprocess
 import sys
+import time
 import types
 
 import torch
@@ -92,6 +97,14 @@ def run_one(model, dataset, seed, ids_dir, result_file, extra):
                  *extra])
 
 
+def _config_files(config_dir, model):
+    """``config_dir/common.yaml`` and ``config_dir/<model>.yaml``, those that exist, space-separated."""
+    if not config_dir:
+        return ""
+    names = [os.path.join(config_dir, n) for n in ("common.yaml", f"{model}.yaml")]
+    return " ".join(n for n in names if os.path.exists(n))
+
+
 def summary(files):
     rows = [json.load(open(f)) for f in files]
     keys = sorted({k for r in rows for k in r["test_result"]})
@@ -107,6 +120,25 @@ def summary(files):
     return out
 
 
+def table(results, models, dataset, seeds, columns):
+    """Markdown table, one row per model: mean +- std over the seeds' result JSONs of each column."""
+    print("| model | seeds | epochs | fit s | " + " | ".join(columns) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(columns))
+    for m in models:
+        files = [f"{results}/{m}-{dataset}-seed{s}.json" for s in seeds]
+        rows = [json.load(open(f)) for f in files if os.path.exists(f)]
+        if not rows:
+            continue
+        cells = []
+        for c in columns:
+            vals = torch.tensor([float(r["test_result"][c]) for r in rows])
+            std = vals.std().item() if len(vals) > 1 else 0.0
+            cells.append(f"{vals.mean().item():.4f} +- {std:.4f}")
+        epochs = "/".join(str(r["timings"]["epochs_trained"]) for r in rows)
+        fit = round(sum(r["timings"]["fit_seconds"] for r in rows) / len(rows))
+        print(f"| {m} | {len(rows)} | {epochs} | {fit} | " + " | ".join(cells) + " |")
+
+
 def main():
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "summary":
@@ -120,6 +152,10 @@ def main():
         out = opts.pop("out", "shared_ids")
         export(dataset, seeds, out, model, [f"--{k}={v}" for k, v in opts.items()])
         return 0
+    if mode == "table":
+        columns = opts.pop("columns", "hit@5,ndcg@5,hit@10,ndcg@10").split(",")
+        table(opts.pop("results", "results/seeds"), model.split(","), dataset, seeds, columns)
+        return 0
     if mode == "run_one":
         seed = int(opts.pop("seed"))
         ids_dir, result = opts.pop("ids"), opts.pop("result_file")
@@ -127,20 +163,33 @@ def main():
     if mode == "run":
         ids_dir, results = opts.pop("ids", "shared_ids"), opts.pop("results", "results/seeds")
         logs = opts.pop("logs", results)
+        config_dir = opts.pop("config_dir", None)
+        parallel = int(opts.pop("parallel", 0)) or len(seeds)
         os.makedirs(results, exist_ok=True)
         os.makedirs(logs, exist_ok=True)
-        procs = []
-        for seed in seeds:
-            cmd = [sys.executable, __file__, "run_one", f"--model={model}", f"--dataset={dataset}", f"--seed={seed}", f"--ids={ids_dir}",
-                   f"--result_file={results}/{model}-{dataset}-seed{seed}.json",
-                   *[f"--{k}={v}" for k, v in opts.items()]]
-            log = open(f"{logs}/{model}-{dataset}-seed{seed}.log", "w")
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-        codes = [p.wait() for p in procs]
-        files = [f"{results}/{model}-{dataset}-seed{s}.json" for s in seeds]
-        summary([f for f in files if os.path.exists(f)])
+        jobs = [(m, s) for m in model.split(",") for s in seeds]
+        running, codes = [], []
+        for m, seed in jobs:  # a queue of (model, seed) runs, at most `parallel` at a time
+            while len(running) >= parallel:  # wait for whichever run ends first
+                done = [p for p in running if p.poll() is not None]
+                for p in done:
+                    running.remove(p)
+                    codes.append(p.returncode)
+                if not done:
+                    time.sleep(5)
+            files = _config_files(config_dir, m)
+            cmd = [sys.executable, __file__, "run_one", f"--model={m}", f"--dataset={dataset}", f"--seed={seed}",
+                   f"--ids={ids_dir}", f"--result_file={results}/{m}-{dataset}-seed{seed}.json",
+                   *([f"--config_files={files}"] if files else []), *[f"--{k}={v}" for k, v in opts.items()]]
+            log = open(f"{logs}/{m}-{dataset}-seed{seed}.log", "w")
+            running.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        codes += [p.wait() for p in running]
+        for m in model.split(","):
+            files = [f"{results}/{m}-{dataset}-seed{s}.json" for s in seeds]
+            print(m, flush=True)
+            summary([f for f in files if os.path.exists(f)])
         return max(codes)
-    raise SystemExit(f"unknown mode {mode!r}: export | run | run_one | summary")
+    raise SystemExit(f"unknown mode {mode!r}: export | run | run_one | summary | table")
 
 
 if __name__ == "__main__":

@@ -175,3 +175,21 @@ def test_malloc_reuse_stops_refaulting_freed_activations():
     assert default > 10 * 16384 * 0.9  # glibc maps and unmaps each 64 MiB block: every 4 KiB page faults again
     reuse = faults("reuse", "1")
     assert reuse < default / 5
+
+
+def test_pop_counts_every_interaction_whatever_the_batch_size(tiny_dataset, run_dirs):
+    """RecBole 1.2.1's Pop counts an item once per batch (issues #1844, #2198); the plugin's Pop does not."""
+    from recbole_genrec.quick_start import load_config, prepare_data
+
+    data_path, name = tiny_dataset
+    config = load_config("Pop", name, config_dict=tiny_config_dict(data_path, train_batch_size=4096))
+    dataset, train_data, *_ = prepare_data(config)
+    model = utils.get_model("Pop")(config, train_data.dataset)
+    for batch in train_data:
+        model.calculate_loss(batch)
+    items = train_data.dataset.inter_feat[config["ITEM_ID_FIELD"]]
+    expected = torch.bincount(items, minlength=dataset.item_num)
+    assert torch.equal(model.item_cnt.squeeze(-1), expected) and expected.max() > 1
+    results = [run_recbole_genrec("Pop", name, config_dict=tiny_config_dict(data_path, train_batch_size=b),
+                                  saved=False)["test_result"] for b in (7, 4096)]
+    assert results[0] == results[1]
