@@ -178,7 +178,7 @@ def test_malloc_reuse_stops_refaulting_freed_activations():
 
 
 def test_pop_counts_every_interaction_whatever_the_batch_size(tiny_dataset, run_dirs):
-    """RecBole 1.2.1's Pop counts an item once per batch (issues #1844, #2198); the plugin's Pop does not."""
+    """RecBole 1.2.1's Pop counts an item once per batch and counts sampled negatives (issues #1844, #2198)."""
     from recbole_genrec.quick_start import load_config, prepare_data
 
     data_path, name = tiny_dataset

@@ -11,5 +11,5 @@ MODEL_REGISTRY = {
     "SimGR": "recbole_genrec.model.simgr:SimGR",
     "TokenWeightedTIGER": "recbole_genrec.model.token_weighted_tiger:TokenWeightedTIGER",
     "ETEGRec": "recbole_genrec.model.etegrec:ETEGRec",
-    "Pop": "recbole_genrec.model.pop:Pop",  # RecBole's Pop with every interaction counted (see its file)
+    "Pop": "recbole_genrec.model.pop:Pop",  # RecBole's Pop counting each positive interaction once (see its file)
 }
