@@ -97,6 +97,17 @@ def run_one(model, dataset, seed, ids_dir, result_file, extra):
                  *extra])
 
 
+def _result_file(results, model, dataset, seed):
+    """Where ``run`` writes (and ``table`` reads) one run's result JSON."""
+    return f"{results}/{model}-{dataset}-seed{seed}.json"
+
+
+def _mean_std(values):
+    """Mean and sample standard deviation (0.0 for one value)."""
+    vals = torch.tensor(values, dtype=torch.float64)
+    return vals.mean().item(), vals.std().item() if len(vals) > 1 else 0.0
+
+
 def _config_files(config_dir, model):
     """``config_dir/common.yaml`` and ``config_dir/<model>.yaml``, those that exist, space-separated."""
     if not config_dir:
@@ -112,10 +123,10 @@ def summary(files):
            "fit_seconds": [round(r["timings"]["fit_seconds"], 1) for r in rows],
            "stopped_by_time_budget": [r["timings"].get("stopped_by_time_budget") for r in rows]}
     for k in keys:
-        vals = torch.tensor([float(r["test_result"][k]) for r in rows if k in r["test_result"]])
-        if len(vals):
-            out[k] = {"mean": round(vals.mean().item(), 4), "std": round(vals.std().item(), 4) if len(vals) > 1 else 0.0,
-                      "values": [round(v, 4) for v in vals.tolist()]}
+        vals = [float(r["test_result"][k]) for r in rows if k in r["test_result"]]
+        if vals:
+            mean, std = _mean_std(vals)
+            out[k] = {"mean": round(mean, 4), "std": round(std, 4), "values": [round(v, 4) for v in vals]}
     print(json.dumps(out))
     return out
 
@@ -125,15 +136,14 @@ def table(results, models, dataset, seeds, columns):
     print("| model | seeds | epochs | fit s | " + " | ".join(columns) + " |")
     print("|---|---:|---:|---:|" + "---:|" * len(columns))
     for m in models:
-        files = [f"{results}/{m}-{dataset}-seed{s}.json" for s in seeds]
+        files = [_result_file(results, m, dataset, s) for s in seeds]
         rows = [json.load(open(f)) for f in files if os.path.exists(f)]
         if not rows:
             continue
-        cells = []
-        for c in columns:
-            vals = torch.tensor([float(r["test_result"][c]) for r in rows])
-            std = vals.std().item() if len(vals) > 1 else 0.0
-            cells.append(f"{vals.mean().item():.4f} +- {std:.4f}")
+        missing = [c for c in columns if any(c not in r["test_result"] for r in rows)]
+        if missing:
+            raise SystemExit(f"--columns: {missing} not in every {m} result; they hold {sorted(rows[0]['test_result'])}")
+        cells = ["{:.4f} +- {:.4f}".format(*_mean_std([float(r["test_result"][c]) for r in rows])) for c in columns]
         epochs = "/".join(str(r["timings"]["epochs_trained"]) for r in rows)
         fit = round(sum(r["timings"]["fit_seconds"] for r in rows) / len(rows))
         print(f"| {m} | {len(rows)} | {epochs} | {fit} | " + " | ".join(cells) + " |")
@@ -164,7 +174,12 @@ def main():
         ids_dir, results = opts.pop("ids", "shared_ids"), opts.pop("results", "results/seeds")
         logs = opts.pop("logs", results)
         config_dir = opts.pop("config_dir", None)
-        parallel = int(opts.pop("parallel", 0)) or len(seeds)
+        parallel = opts.pop("parallel", "0")
+        if not parallel.isdigit():
+            raise SystemExit(f"--parallel must be a whole number of runs at a time, got {parallel!r}")
+        parallel = int(parallel) or len(seeds)
+        if config_dir and not os.path.isdir(config_dir):
+            raise SystemExit(f"--config_dir={config_dir} is not a directory: point it at e.g. benchmarks/cpu_budget")
         os.makedirs(results, exist_ok=True)
         os.makedirs(logs, exist_ok=True)
         jobs = [(m, s) for m in model.split(",") for s in seeds]
@@ -179,13 +194,13 @@ def main():
                     time.sleep(5)
             files = _config_files(config_dir, m)
             cmd = [sys.executable, __file__, "run_one", f"--model={m}", f"--dataset={dataset}", f"--seed={seed}",
-                   f"--ids={ids_dir}", f"--result_file={results}/{m}-{dataset}-seed{seed}.json",
+                   f"--ids={ids_dir}", f"--result_file={_result_file(results, m, dataset, seed)}",
                    *([f"--config_files={files}"] if files else []), *[f"--{k}={v}" for k, v in opts.items()]]
             log = open(f"{logs}/{m}-{dataset}-seed{seed}.log", "w")
             running.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
         codes += [p.wait() for p in running]
         for m in model.split(","):
-            files = [f"{results}/{m}-{dataset}-seed{s}.json" for s in seeds]
+            files = [_result_file(results, m, dataset, s) for s in seeds]
             print(m, flush=True)
             summary([f for f in files if os.path.exists(f)])
         return max(codes)
