@@ -1,7 +1,7 @@
 """python run_recbole_genrec.py --model=NAME --dataset=NAME [--config_files="a.yaml b.yaml"] [--key=value ...]"""
 import sys
 
-from recbole_genrec.quick_start import main
+from recbole_genrec.compare import main  # --model=A,B compares; one model: quick_start.main
 
 if __name__ == "__main__":
     sys.exit(main())

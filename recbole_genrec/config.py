@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from recbole.config.configurator import Config as RecBoleConfig
 
-from recbole_genrec.utils import GenRecError, get_model, keep_freed_memory_for_reuse
+from recbole_genrec.registry import get_model
+from recbole_genrec.utils import GenRecError, keep_freed_memory_for_reuse
 
 PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
 
@@ -29,6 +30,22 @@ def parse_cmd_args(args):
             raise GenRecError(f"--{key} is given twice with different values; keep one")
         parsed[key] = value
     return parsed
+
+
+def model_yaml_chain(model, model_class):
+    """Model yaml names from the root plugin ancestor down to ``model``: a derived model's yaml holds only what
+    it adds or changes (``TIGER++`` reads ``TIGER.yaml`` then ``TIGER++.yaml``; ``SODA-L`` reads ``TIGER.yaml``,
+    ``LETTER.yaml``, ``SODA-L.yaml``). Ancestors are the registered plugin classes in the model's MRO."""
+    from recbole_genrec.model import MODEL_REGISTRY
+
+    by_class = {path: name for name, path in MODEL_REGISTRY.items()}
+    chain = []
+    if isinstance(model_class, type):
+        for cls in reversed(model_class.__mro__):
+            name = by_class.get(f"{cls.__module__}:{cls.__qualname__}")
+            if name is not None and name != model and name not in chain:
+                chain.append(name)
+    return chain + [model]
 
 
 class Config(RecBoleConfig):
@@ -51,7 +68,11 @@ class Config(RecBoleConfig):
         from recbole_genrec.evaluator.metrics import register_metrics
 
         register_metrics()
-        super().__init__(model, dataset, config_file_list, config_dict)
+        try:
+            super().__init__(model, dataset, config_file_list, config_dict)
+        except (ValueError, TypeError, KeyError, NotImplementedError) as err:  # RecBole's checks of topk, eval_args...
+            message = " ".join(str(err).split()).rstrip(".") or type(err).__name__
+            raise GenRecError(f"{message}: change that setting (docs/bad_input.md lists the valid values)") from None
         # Looking a model up imports RecBole's sequential models, whose sine.py switches on
         # torch.autograd.set_detect_anomaly(True) for the whole process and slows every backward pass
         # (benchmarks/bench_anomaly_detection.py). Off unless the config asks for it.
@@ -60,6 +81,10 @@ class Config(RecBoleConfig):
             keep_freed_memory_for_reuse()
         self._check_types()
         self._check_protocol()
+        self._check_training_settings()
+        from recbole_genrec.checks import check_settings
+
+        check_settings(self)  # every other setting the run reads (recbole_genrec/checks.py)
 
     # ---- RecBole hooks -------------------------------------------------------------------
     def compatibility_settings(self):
@@ -92,10 +117,25 @@ class Config(RecBoleConfig):
             PROPERTIES_DIR / "overall.yaml",
             PROPERTIES_DIR / "semantic_ids.yaml",
             PROPERTIES_DIR / "dataset" / f"{dataset}.yaml",
-            PROPERTIES_DIR / "model" / f"{model}.yaml",
+            *[PROPERTIES_DIR / "model" / f"{name}.yaml" for name in model_yaml_chain(model, model_class)],
         ):
             if path.is_file():
                 self._update_internal_config_dict(str(path))
+        recipe = self.external_config_dict.get("recipe")
+        if recipe:
+            self._apply_recipe(str(recipe), model, model_class)
+
+    def _apply_recipe(self, recipe, model, model_class):
+        """``--recipe=NAME``: ``properties/recipe/NAME.yaml`` (or a yaml path) on top of the model's yaml, for
+        models that accept recipes (``accepts_recipes = True``: the TIGER family); stock models ignore it, so
+        ``--model=TIGER,SASRec --recipe=cpu`` changes TIGER only. Files and the command line still override it."""
+        path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else PROPERTIES_DIR / "recipe" / f"{recipe}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in (PROPERTIES_DIR / "recipe").glob("*.yaml"))
+            raise GenRecError(f"recipe {recipe!r} not found ({path}): use one of {known} or a yaml file path")
+        if getattr(model_class, "accepts_recipes", False):
+            self._update_internal_config_dict(str(path))
+            self.internal_config_dict["recipe_file"] = str(path)
 
     def _set_default_parameters(self):
         # RecBole refuses CE-loss models (SASRec's default) unless negative sampling is switched off
@@ -149,6 +189,13 @@ class Config(RecBoleConfig):
                     f"config key {key!r} expects {expected.__name__} (default {default!r}), "
                     f"got {type(value).__name__} {value!r}: change its value"
                 )
+
+    def _check_training_settings(self):
+        """Schedule and precision are checked here, before any data preparation (the trainer re-reads them)."""
+        from recbole_genrec.trainer.schedule import LRSchedule, resolve_precision
+
+        LRSchedule.from_config(self)
+        resolve_precision(self["precision"], self["device"])
 
     def _check_protocol(self):
         metric, _, k = str(self["valid_metric"]).partition("@")

@@ -19,7 +19,8 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_genrec.config import Config, parse_cmd_args
-from recbole_genrec.utils import GenRecError, atomic_write_json, get_trainer, to_jsonable
+from recbole_genrec.registry import get_trainer
+from recbole_genrec.utils import GenRecError, atomic_write_json, phase_timings, set_show_progress, to_jsonable
 
 
 # RecBole 1.2.1 raises FutureWarnings on every run (pandas 2.x chained inplace fillna in its dataset code,
@@ -35,23 +36,27 @@ def load_config(model=None, dataset=None, config_file_list=None, config_dict=Non
 
 
 def check_dataset_files(config):
-    """A missing dataset folder or ``.inter`` file is a one-line error, not a RecBole traceback."""
-    folder = Path(config["data_path"])
-    inter = folder / f"{config['dataset']}.inter"
-    if not folder.is_dir():
-        raise GenRecError(
-            f"dataset folder {str(folder)!r} not found: put RecBole atomic files there or pass "
-            f"--data_path=DIR (the folder that contains {config['dataset']}/)"
-        )
-    if not inter.is_file():
-        raise GenRecError(f"{str(inter)!r} not found: a RecBole dataset needs {inter.name} in {folder}")
+    """Every dataset file property the run depends on (folder, files, headers, required columns, float values)
+    is a one-line error here, before RecBole reads anything: :func:`recbole_genrec.checks.check_dataset_files`."""
+    from recbole_genrec.checks import check_dataset_files as check_files
+
+    check_files(config)
+
+
+def load_dataset(config):
+    """Check the files, then RecBole's ``create_dataset`` plus the checks that need the loaded data
+    (:func:`recbole_genrec.checks.create_dataset`: items vs topk, pre-split histories cut to
+    ``MAX_ITEM_LIST_LENGTH``)."""
+    from recbole_genrec.checks import create_dataset as checked_create_dataset
+
+    check_dataset_files(config)
+    init_seed(config["seed"], config["reproducibility"])
+    return checked_create_dataset(config)
 
 
 def prepare_data(config):
     """Filter and split the dataset once; returns ``(dataset, train, valid, test)`` dataloaders."""
-    check_dataset_files(config)
-    init_seed(config["seed"], config["reproducibility"])
-    dataset = create_dataset(config)
+    dataset = load_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     return dataset, train_data, valid_data, test_data
 
@@ -77,15 +82,17 @@ def default_result_path(config):
 
 
 def run_recbole_genrec(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True,
-                       cmd_args=None, result_file=None, prepared=None, epoch_callback=None):
+                       cmd_args=None, result_file=None, prepared=None, epoch_callback=None, data_seconds=0.0):
     """Train, validate (early stopping) and test one model; write and return the result record.
 
     Args:
         cmd_args: ``['--k=v', ...]`` read as the command line (``None``: the command line is not read).
         result_file: where the JSON goes (default ``results_dir/<model>-<dataset>-seed<seed>-<time>.json``).
-        prepared: ``(config, dataset, train, valid, test)`` already built (hyperparameter search reuses it).
+        prepared: ``(config, dataset, train, valid, test)`` already built (hyperparameter search and
+            comparisons reuse it); ``data_seconds`` is then the time its preparation took.
         epoch_callback: ``f(epoch_idx, valid_result)`` after every validation (Ray Tune reports here).
     """
+    phase_timings(reset=True)  # timings.phases: this run's setup phases (text embedding, tokenizer fit, ...)
     if prepared is None:
         config = load_config(model, dataset, config_file_list, config_dict, cmd_args)
         init_logger(config)
@@ -97,10 +104,14 @@ def run_recbole_genrec(model=None, dataset=None, config_file_list=None, config_d
         logger.info(dataset_obj)
     else:
         config, dataset_obj, train_data, valid_data, test_data = prepared
-        logger, data_seconds = getLogger(), 0.0
+        logger = getLogger()
+    set_show_progress(config["show_progress"])  # progress bars of the long setup phases, as RecBole's
 
     start = time.perf_counter()
     model_obj, trainer = build_model_and_trainer(config, train_data)
+    resume = config["resume"] if "resume" in config else None
+    if resume:  # --resume=CHECKPOINT: weights, optimizer, schedule, RNG, early stopping; the best file for the test
+        trainer.resume_checkpoint(resume)
     setup_seconds = time.perf_counter() - start
     logger.info(model_obj)
 
@@ -134,9 +145,13 @@ def run_recbole_genrec(model=None, dataset=None, config_file_list=None, config_d
             "train_epoch_seconds": trainer.timings["train_epoch_seconds"],
             "valid_eval_seconds": trainer.timings["valid_epoch_seconds"],
             "test_eval_seconds": test_seconds,
+            "learning_rate": trainer.timings.get("learning_rate", []),  # after each epoch (with lr_scheduler)
+            "precision": getattr(trainer, "precision", "fp32"),
+            "phases": phase_timings(),  # seconds per setup phase (utils.timed_phase; nested phases overlap)
             **peak_memory(),
         },
         "checkpoint": trainer.saved_model_file if saved else None,
+        "resume_file": getattr(trainer, "resume_file", None) if saved else None,  # --resume=... continues the run
         "extras": to_jsonable(getattr(model_obj, "result_extras", dict)()),
         "config": to_jsonable(config.final_config_dict),
     }
@@ -155,6 +170,9 @@ def main(argv=None):
         config_files = args.pop("config_files", "").split() or None
         result_file = args.pop("result_file", None)
         model, dataset = args.pop("model", None), args.pop("dataset", None)
+        if model is not None and "," in model:  # compare.main runs comparisons (it imports this module)
+            raise GenRecError(f"--model={model!r} names several models: compare them with "
+                              "python run_recbole_genrec.py (recbole_genrec.compare.main)")
         record = run_recbole_genrec(model=model, dataset=dataset, config_file_list=config_files,
                                     cmd_args=[f"--{k}={v}" for k, v in args.items()], result_file=result_file)
     except GenRecError as err:

@@ -1,9 +1,14 @@
-"""Model/trainer lookup (plugin first, then RecBole), errors, and atomic file writes."""
+"""The floor of the package: errors, config checks, JSON and atomic file writes.
+
+It imports nothing from ``recbole_genrec`` (tests/test_architecture.py checks it); model and trainer
+lookup live in :mod:`recbole_genrec.registry`.
+"""
 import enum
-import importlib
 import json
 import os
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,45 +62,49 @@ def keep_freed_memory_for_reuse():
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
-# ---- model registry -------------------------------------------------------------------------
-def plugin_models():
-    """Names the plugin provides, mapped to ``module:Class`` (see ``recbole_genrec/model/__init__.py``)."""
-    from recbole_genrec.model import MODEL_REGISTRY
-
-    return dict(MODEL_REGISTRY)
+# ---- progress bars and phase timings -----------------------------------------------------------
+_SHOW_PROGRESS = [False]  # process-wide: set from a run's `show_progress` (quick_start, build_ids)
+_PHASE_SECONDS = {}
 
 
-def get_model(model_name):
-    """Plugin models first (names may contain ``+`` or ``-``), then RecBole's ``get_model``."""
-    registry = plugin_models()
-    if model_name in registry:
-        module_name, _, class_name = registry[model_name].partition(":")
-        return getattr(importlib.import_module(module_name), class_name)
-    from recbole.utils import get_model as recbole_get_model
+def set_show_progress(show):
+    """Switch the setup-phase progress bars (:func:`progress`) on or off for this process."""
+    _SHOW_PROGRESS[0] = bool(show)
 
+
+def show_progress():
+    return _SHOW_PROGRESS[0]
+
+
+def progress(iterable=None, total=None, desc="", unit="it", show=None):
+    """A tqdm bar with ETA in the style of RecBole's training bars; silent unless ``show`` (default: the
+    process-wide switch that a run's ``show_progress`` sets)."""
+    from tqdm import tqdm
+
+    show = _SHOW_PROGRESS[0] if show is None else bool(show)
+    if show:
+        from recbole.utils import set_color
+
+        desc = set_color(desc, "pink")
+    return tqdm(iterable, total=total, desc=desc, unit=unit, ncols=100, disable=not show)
+
+
+@contextmanager
+def timed_phase(name):
+    """Add the block's wall seconds to phase ``name`` (phases nest: ``semantic_ids`` holds ``text_embedding``)."""
+    start = time.perf_counter()
     try:
-        return recbole_get_model(model_name)
-    except (ValueError, AttributeError, ImportError):
-        raise GenRecError(
-            f"unknown model {model_name!r}: use one of the plugin models {sorted(registry)} "
-            f"or a RecBole model (e.g. SASRec, GRU4Rec, BERT4Rec, Caser, BPR)"
-        ) from None
+        yield
+    finally:
+        _PHASE_SECONDS[name] = _PHASE_SECONDS.get(name, 0.0) + time.perf_counter() - start
 
 
-def get_trainer(model_class, config):
-    """The trainer for a model: ``model_class.trainer_class`` if set, else RecBole's choice made safe.
-
-    Every trainer returned carries :class:`~recbole_genrec.trainer.SafeCheckpointMixin`, so checkpoints
-    are unique per run, written atomically and loaded with ``weights_only=True``.
-    """
-    from recbole.utils import get_trainer as recbole_get_trainer
-
-    from recbole_genrec.trainer import with_safe_checkpoints
-
-    trainer_class = getattr(model_class, "trainer_class", None)
-    if trainer_class is None:
-        trainer_class = recbole_get_trainer(config["MODEL_TYPE"], config["model"])
-    return with_safe_checkpoints(trainer_class)
+def phase_timings(reset=False):
+    """``{phase: seconds}`` recorded by :func:`timed_phase` since the last reset (a run resets at its start)."""
+    out = {k: round(v, 3) for k, v in _PHASE_SECONDS.items()}
+    if reset:
+        _PHASE_SECONDS.clear()
+    return out
 
 
 # ---- JSON ---------------------------------------------------------------------------------------

@@ -10,6 +10,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
 
 
+def pytest_configure(config):
+    """A deprecation raised by this package's own calls fails the suite (issue 16: transformers' `past_key_values`
+    warned on every beam search before it was removed); RecBole's, ray's and pandas' own warnings do not."""
+    for module in ("recbole_genrec", "transformers", "sentence_transformers"):
+        for category in ("DeprecationWarning", "FutureWarning"):
+            config.addinivalue_line("filterwarnings", f"error::{category}:{module}")
+    # raised by peft's own call (peft_model.py reads model.is_gradient_checkpointing), not by this package's
+    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
 def write_atomic_dataset(root, name="tiny", n_users=40, n_items=30, per_user=12, seed=0, with_text=True,
                          missing_text_items=()):
     """Write ``root/name/name.inter`` (+ ``.item``) with sequential structure a model can learn.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_config_dict
-from recbole_genrec import utils
+from recbole_genrec import registry, utils
 from recbole_genrec.config import Config
 from recbole_genrec.quick_start import main, run_recbole_genrec
 from recbole_genrec.trainer import load_checkpoint
@@ -184,7 +184,7 @@ def test_pop_counts_every_interaction_whatever_the_batch_size(tiny_dataset, run_
     data_path, name = tiny_dataset
     config = load_config("Pop", name, config_dict=tiny_config_dict(data_path, train_batch_size=4096))
     dataset, train_data, *_ = prepare_data(config)
-    model = utils.get_model("Pop")(config, train_data.dataset)
+    model = registry.get_model("Pop")(config, train_data.dataset)
     for batch in train_data:
         model.calculate_loss(batch)
     items = train_data.dataset.inter_feat[config["ITEM_ID_FIELD"]]

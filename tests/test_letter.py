@@ -152,7 +152,7 @@ def test_collab_embeddings_cached_and_corrupt_cache_retrained(tiny_dataset, run_
 
 # ---- end to end ----------------------------------------------------------------------------------------
 def test_one_epoch_letter_run_reports_letter_beside_rqvae(tiny_dataset, run_dirs, capsys):
-    from recbole_genrec.semantic_ids import main as sid_main
+    from recbole_genrec.build_ids import main as sid_main
 
     data_path, name = tiny_dataset
     out = run_dirs / "letter.json"

@@ -285,7 +285,7 @@ def test_trainer_evaluate_on_tiny_dataset(tmp_path, monkeypatch):
     from recbole.model.abstract_recommender import SequentialRecommender
     from recbole.utils import InputType
 
-    from recbole_genrec.utils import get_trainer
+    from recbole_genrec.registry import get_trainer
 
     class NextIdModel(SequentialRecommender):
         """Scores item (last + 1) highest, then (last + 2), ...; exposes item_codes."""

@@ -179,7 +179,7 @@ def test_pipeline_reassign_and_bad_settings(tiny_recbole):
 
 
 def test_cli_success_and_one_line_errors(tiny_recbole, capsys):
-    from recbole_genrec.semantic_ids import main
+    from recbole_genrec.build_ids import main
 
     _, _, root, cache = tiny_recbole
     base = [f"--data_path={root}", "--dataset=tiny", f"--cache_dir={cache}", "--tokenizer=pq",

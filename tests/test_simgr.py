@@ -282,7 +282,7 @@ def test_semantic_ids_come_from_the_shared_builder(tiny_data, tiny_bert_dir, mon
 
 # ---- trainer: sampling, optimizer, schedule, accumulation ------------------------------------------------
 def test_trainer_samples_prefixes_and_uses_adamw_cosine(tiny_data, tiny_bert_dir):
-    from recbole_genrec.utils import get_trainer
+    from recbole_genrec.registry import get_trainer
 
     config, model, train, *_ = build(tiny_data, tiny_bert_dir, epochs=3)
     trainer = get_trainer(type(model), config)(config, model)
@@ -299,9 +299,10 @@ def test_trainer_samples_prefixes_and_uses_adamw_cosine(tiny_data, tiny_bert_dir
     assert {g["weight_decay"] for g in trainer.optimizer.param_groups} == {0.01, 0.0}
     assert trainer.accumulation_steps == 2  # 16 / 8
     before = [p.detach().clone() for p in model.parameters()]
+    trainer._attach_lr_schedule(train)  # fit() does this: the shared schedule (recbole_genrec/trainer/schedule.py)
     trainer._train_epoch(train, 0)
     steps = math.ceil(math.ceil(40 / 8) / 2)  # 40 users, micro 8, 2 per step
-    assert trainer.scheduler.last_epoch == steps
+    assert trainer.lr_scheduler.last_epoch == steps
     lr = trainer.optimizer.param_groups[0]["lr"]
     total, warmup = 3 * steps, math.ceil(0.01 * 3 * steps)
     progress = (steps - warmup) / (total - warmup)
@@ -319,7 +320,7 @@ def test_bfloat16_backbone_scores_in_float32(tiny_data, tiny_bert_dir):
 
 
 def test_embedding_matrix_can_have_its_own_learning_rate(tiny_data, tiny_bert_dir):
-    from recbole_genrec.utils import get_trainer
+    from recbole_genrec.registry import get_trainer
 
     config, model, *_ = build(tiny_data, tiny_bert_dir, embedding_learning_rate=0.01)
     trainer = get_trainer(type(model), config)(config, model)

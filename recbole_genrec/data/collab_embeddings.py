@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from recbole_genrec.data.cache import load_tensors, save_tensors, sha256_bytes, stable_hash
-from recbole_genrec.utils import GenRecError, int_setting, seconds_setting
+from recbole_genrec.utils import GenRecError, int_setting, seconds_setting, timed_phase
 
 CF_VERSION = 1
 # Settings copied from the run's config into the SASRec's: what defines the data, the split and the device.
@@ -73,19 +73,43 @@ def _sasrec_config_dict(config, settings):
             "train_time_budget": settings["train_time_budget"]}
 
 
+def sasrec_cache_meta(config, dataset, settings):
+    """What a SASRec trained for ``dataset`` with ``settings`` depends on (cache key material)."""
+    sas_dict = _sasrec_config_dict(config, settings)
+    tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
+    return {"kind": "cf_sasrec", "cf_version": CF_VERSION, "dataset": str(config["dataset"]),
+            "item_tokens": stable_hash(tokens), "num_items": len(tokens),
+            "inter_file": _inter_file_fingerprint(config),
+            "sasrec": settings, "data": {k: v for k, v in sas_dict.items() if k not in _UNKEYED}}
+
+
+def train_sasrec(config, dataset, settings):
+    """``(model, trainer)``: stock RecBole SASRec (``settings``: epochs, hidden_size, train_time_budget) trained
+    on the same data, filtering and split as ``config``'s run, early stopping on its valid metric; the
+    caller's random states are left as they were."""
+    from recbole_genrec.quick_start import build_model_and_trainer, load_config, prepare_data
+
+    sas_config = load_config("SASRec", config["dataset"], config_dict=_sasrec_config_dict(config, settings))
+    tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
+    with _isolated_rng():  # a cache miss must not shift the caller's random streams (model init after this)
+        sas_dataset, train, valid, _ = prepare_data(sas_config)
+        sas_tokens = [str(t) for t in sas_dataset.field2id_token[sas_dataset.iid_field]]
+        if sas_tokens != tokens:
+            raise GenRecError("the SASRec for the collaborative embeddings saw different items than the run: "
+                              "keep data settings (load_col, filters, data_path) in config files or --key=value")
+        model, trainer = build_model_and_trainer(sas_config, train)
+        with timed_phase("sasrec_fit"):
+            trainer.fit(train, valid, saved=False, show_progress=bool(sas_config["show_progress"]))
+    return model, trainer
+
+
 def collab_item_embeddings(config, dataset, folder, rebuild=False):
     """``(embeddings [item_num, hidden], meta)``: SASRec item embeddings for ``dataset``, from the cache
     in ``folder`` when valid, else trained (``meta['from_cache']`` says which; ``meta['path']`` the file)."""
-    from recbole_genrec.quick_start import build_model_and_trainer, load_config, prepare_data
-
     logger = getLogger()
     settings = cf_settings(config)
-    sas_dict = _sasrec_config_dict(config, settings)
+    key_meta = sasrec_cache_meta(config, dataset, settings)
     tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
-    key_meta = {"kind": "cf_sasrec", "cf_version": CF_VERSION, "dataset": str(config["dataset"]),
-                "item_tokens": stable_hash(tokens), "num_items": len(tokens),
-                "inter_file": _inter_file_fingerprint(config),
-                "sasrec": settings, "data": {k: v for k, v in sas_dict.items() if k not in _UNKEYED}}
     path = folder / f"cf-sasrec-{stable_hash(key_meta)}.safetensors"
     hit = None if rebuild else load_tensors(path, key_meta)
     if hit is not None:
@@ -95,15 +119,7 @@ def collab_item_embeddings(config, dataset, folder, rebuild=False):
         logger.warning(f"cache {path} holds a malformed embedding matrix; retraining it")
 
     start = time.perf_counter()
-    sas_config = load_config("SASRec", config["dataset"], config_dict=sas_dict)
-    with _isolated_rng():  # a cache miss must not shift the caller's random streams (model init after this)
-        sas_dataset, train, valid, _ = prepare_data(sas_config)
-        sas_tokens = [str(t) for t in sas_dataset.field2id_token[sas_dataset.iid_field]]
-        if sas_tokens != tokens:
-            raise GenRecError("the SASRec for LETTER's collaborative embeddings saw different items than the run: "
-                              "keep data settings (load_col, filters, data_path) in config files or --key=value")
-        model, trainer = build_model_and_trainer(sas_config, train)
-        trainer.fit(train, valid, saved=False, show_progress=bool(sas_config["show_progress"]))
+    model, trainer = train_sasrec(config, dataset, settings)
     emb = model.item_embedding.weight.detach().float().cpu()
     meta = {**key_meta, "train_seconds": round(time.perf_counter() - start, 3),
             "epochs_trained": len(trainer.timings["train_epoch_seconds"]),

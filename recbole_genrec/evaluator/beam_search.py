@@ -52,10 +52,14 @@ def trie_beam_search(step, trie, batch_size, beam_size):
     return items, score
 
 
-def constrained_beam_search(backbone, input_ids, attention_mask, trie, beam_size):
-    """Encode once per user, then decode with :class:`~recbole_genrec.model.seq2seq.BeamDecoder`."""
-    from recbole_genrec.model.seq2seq import BeamDecoder
+def constrained_beam_search(backbone, input_ids, attention_mask, trie, beam_size, encoder_hidden=None):
+    """Encode once per user, then decode with the backbone's ``beam_decoder`` (for
+    :class:`~recbole_genrec.model.seq2seq.Seq2SeqBackbone`, a ``BeamDecoder``; the evaluator layer does not
+    import the model layer, docs/architecture.md).
 
-    encoder_hidden = backbone.encode(input_ids, attention_mask)
-    decoder = BeamDecoder(backbone, encoder_hidden, attention_mask)
+    ``encoder_hidden [B, T', d]`` (optional) are states already computed by the caller, with
+    ``attention_mask [B, T']`` their mask (TIGER++ appends retrieved users' states to the encoder's)."""
+    if encoder_hidden is None:
+        encoder_hidden = backbone.encode(input_ids, attention_mask)
+    decoder = backbone.beam_decoder(encoder_hidden, attention_mask)
     return trie_beam_search(decoder.step, trie, input_ids.shape[0], beam_size)

@@ -10,6 +10,14 @@ Contract (tested in tests/test_beam_search.py):
   enter the top K only when the beam found fewer than K valid items (then the fill decides, always
   the same way); no NaN, no ``inf``.
 
+Ties (every model, stock or plugin): equal scores are never decided by internal item ids, which RecBole assigns
+in the order items first appear in the file. Each item gets a tie-break rank from a seeded hash of its *raw* token
+(:func:`tie_order`: ``blake2b(f"{seed}\t{token}")``, ascending); among equal scores the item with the lower rank
+comes first (:func:`tie_broken_topk`, used by every trainer's evaluation collector). So a metric does not depend on
+the order of the file's lines, is the same on every rerun with the same ``seed``, and over seeds equals the
+expectation of a uniformly random tie-break. A generative model's fill for unfound items follows the same order
+(:func:`fill_scores` with ``order``).
+
 Found log-probabilities are clamped to ``> FILL_BASE`` (a sequence log-probability of -1e5 would need
 astronomically unlikely tokens; the clamp only exists so the invariant holds unconditionally).
 """
@@ -19,9 +27,46 @@ FILL_BASE = -1.0e6  # float32 holds FILL_BASE - i exactly for i < 1.5e7 items
 FOUND_FLOOR = FILL_BASE / 2
 
 
-def fill_scores(n_items, device=None):
-    """``[n_items]`` strictly decreasing finite scores, all below any found score."""
-    return FILL_BASE - torch.arange(n_items, dtype=torch.float32, device=device)
+def fill_scores(n_items, device=None, order=None):
+    """``[n_items]`` distinct finite scores, all below any found score: strictly decreasing in item id, or, with
+    ``order`` (:func:`tie_order`), strictly decreasing along ``order`` (``order[0]`` gets the highest fill)."""
+    ranks = torch.arange(n_items, dtype=torch.float32, device=device)
+    if order is None:
+        return FILL_BASE - ranks
+    fill = torch.empty(n_items, dtype=torch.float32, device=device)
+    fill[order.to(device)] = FILL_BASE - ranks
+    return fill
+
+
+def tie_order(tokens, seed):
+    """``LongTensor [n]``: item indices sorted by the seeded hash of their raw tokens (``tokens[i]`` of item
+    ``i``, e.g. ``dataset.field2id_token[ITEM_ID_FIELD]``); independent of the file's line order."""
+    import hashlib
+
+    keys = [int.from_bytes(hashlib.blake2b(f"{seed}\t{t}".encode("utf-8"), digest_size=8).digest(), "big")
+            for t in tokens]
+    return torch.tensor(sorted(range(len(keys)), key=lambda i: (keys[i], str(tokens[i]))), dtype=torch.long)
+
+
+def tie_broken_topk(scores, k, order):
+    """Indices ``[B, k]`` of the ``k`` best items per row, best first; equal scores in ``order``
+    (:func:`tie_order`) rather than by item id. ``O(n_items)`` per row plus a sort of ``k`` values."""
+    order = order.to(scores.device)
+    permuted = scores.index_select(1, order)  # column j holds item order[j]
+    B, n = permuted.shape
+    k = min(int(k), n)
+    kth = torch.topk(permuted, k, dim=1).values[:, -1:]
+    greater = permuted > kth
+    equal = permuted == kth
+    need = k - greater.sum(dim=1, keepdim=True)
+    chosen = greater | (equal & (torch.cumsum(equal.int(), dim=1) <= need))
+    if int(chosen.sum()) != B * k:  # NaN scores: fall back to a full stable sort
+        cols = torch.sort(permuted, dim=1, descending=True, stable=True).indices[:, :k]
+    else:
+        cols = chosen.nonzero()[:, 1].view(B, k)  # ascending column = ascending tie rank
+        best = torch.sort(permuted.gather(1, cols), dim=1, descending=True, stable=True).indices
+        cols = cols.gather(1, best)
+    return order[cols]
 
 
 def beam_scores_to_full(items, scores, n_items, fill=None):

@@ -107,9 +107,10 @@ class SemanticTokenLayout(nn.Module):
         return torch.cat([start, tokens[:, :-1]], dim=1)
 
 
-def build_t5(vocab_size, config):
-    """A T5ForConditionalGeneration built from RecBole config keys (no download, random init)."""
-    from transformers import T5Config, T5ForConditionalGeneration
+def t5_config(vocab_size, config):
+    """The ``T5Config`` of the backbone's keys (``d_model``, ``d_ff``, ``num_heads``, ...); models that add
+    a second encoder of the same size (TIGER++'s language encoder) build it from the same config."""
+    from transformers import T5Config
 
     t5_config = T5Config(
         vocab_size=vocab_size,
@@ -130,7 +131,57 @@ def build_t5(vocab_size, config):
         use_cache=True,
     )
     t5_config.scale_decoder_outputs = False
-    return T5ForConditionalGeneration._from_config(t5_config, attn_implementation=config["attn_implementation"])
+    return t5_config
+
+
+def build_t5(vocab_size, config):
+    """A T5ForConditionalGeneration built from RecBole config keys (no download, random init)."""
+    from transformers import T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration._from_config(t5_config(vocab_size, config),
+                                                 attn_implementation=config["attn_implementation"])
+    set_dropout_sites(t5, config)
+    return t5
+
+
+def _rate(config, key):
+    value = config[key] if key in config else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        from recbole_genrec.utils import GenRecError
+
+        raise GenRecError(f"{key} must be a number in [0, 1) or ~ (= dropout_rate), got {value!r}")
+    return float(value)
+
+
+def set_dropout_sites(t5, config):
+    """T5 applies ``dropout_rate`` at every site; two sites can be set apart (``~`` keeps ``dropout_rate``):
+
+    * ``attention_dropout``: on the attention probabilities ``[B, H, T, T]`` (any rate > 0 also sends
+      ``sdpa`` to its unfused math path on CPU);
+    * ``ffn_dropout``: on the FFN's inner activations ``[B, T, d_ff]``.
+
+    These two are the largest dropout masks of a step: at ``d_model`` 64 they are about a fifth of a CPU
+    training step (``benchmarks/bench_tiger_training.py --profile``), so the CPU recipe can drop them and keep
+    the cheap residual/embedding dropout. Returns ``t5``.
+    """
+    attention, ffn = _rate(config, "attention_dropout"), _rate(config, "ffn_dropout")
+    for module in t5.modules():
+        name = type(module).__name__
+        if attention is not None and name == "T5Attention":
+            module.dropout = attention
+        elif ffn is not None and name in ("T5DenseActDense", "T5DenseGatedActDense"):
+            module.dropout = nn.Dropout(ffn)
+    return t5
+
+
+def _cache_kwarg(decoder):
+    """``cache`` (transformers >= 5.x; ``past_key_values`` is deprecated there and removed in 5.40) or
+    ``past_key_values`` (older releases): the decoder keyword for a key/value cache."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 class Seq2SeqBackbone(nn.Module):
@@ -144,15 +195,27 @@ class Seq2SeqBackbone(nn.Module):
     def encode(self, input_ids, attention_mask):
         return self.t5.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def decode(self, decoder_input_ids, encoder_hidden, encoder_mask, past_key_values=None, use_cache=False):
-        out = self.t5.get_decoder()(
+    def beam_decoder(self, encoder_hidden, encoder_mask):
+        """The incremental decoder :func:`recbole_genrec.evaluator.beam_search.constrained_beam_search` steps."""
+        return BeamDecoder(self, encoder_hidden, encoder_mask)
+
+    def decode(self, decoder_input_ids, encoder_hidden, encoder_mask, past_key_values=None, use_cache=False,
+               inputs_embeds=None):
+        """Decoder states ``[B, L, d]``; ``inputs_embeds [B, L, d]`` replaces ``decoder_input_ids`` (pass
+        ``None`` for the ids) when the decoder inputs are not plain tokens (TIGER++'s semantic substitutes)."""
+        decoder = self.t5.get_decoder()
+        kwargs = {}
+        if past_key_values is not None:  # passed only when there is one, under the name this transformers uses
+            kwargs[_cache_kwarg(decoder)] = past_key_values
+        out = decoder(
             input_ids=decoder_input_ids,
+            inputs_embeds=inputs_embeds,
             encoder_hidden_states=encoder_hidden,
             encoder_attention_mask=encoder_mask,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **kwargs,
         )
-        return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state, out.get("cache", out.get("past_key_values"))
 
     def layer_logits(self, hidden, depth=None):
         """Logits restricted to each layer's token range.

@@ -181,12 +181,11 @@ class Aggregator(nn.Module):
 
 # ---- model ------------------------------------------------------------------------------------------
 class SimGRTrainer(Trainer):
-    """AdamW (decoupled weight decay, none on biases/norms), cosine schedule with warm-up, gradient
-    accumulation to ``effective_batch_size`` and a per-epoch sample of training prefixes."""
+    """AdamW (decoupled weight decay, none on biases/norms), the shared cosine schedule with warm-up
+    (``recbole_genrec.trainer.schedule``), gradient accumulation to ``effective_batch_size`` and a per-epoch sample of training prefixes."""
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        self.scheduler = None
         self.micro_batch_size = int(config["train_batch_size"])
         effective = int(config["effective_batch_size"] or self.micro_batch_size)
         self.accumulation_steps = max(1, math.ceil(effective / self.micro_batch_size))
@@ -211,17 +210,10 @@ class SimGRTrainer(Trainer):
                        "lr": float(emb_lr) if emb_lr else lr}]
         return torch.optim.AdamW(params, lr=lr)
 
-    def _build_scheduler(self, steps_per_epoch):
-        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
-        total = max(1, steps_per_epoch * max(1, self.epochs - self.start_epoch))
-        warmup = int(math.ceil(float(self.config["warmup_ratio"]) * total))
-        kind = str(self.config["lr_scheduler"]).lower()
-        if kind == "cosine":
-            return get_cosine_schedule_with_warmup(self.optimizer, warmup, total)
-        if kind == "constant":
-            return get_constant_schedule_with_warmup(self.optimizer, warmup)
-        raise GenRecError(f"lr_scheduler must be 'cosine' or 'constant', got {kind!r}")
+    def _steps_per_epoch(self, train_data):
+        """Optimizer steps per epoch: sampled prefixes / micro-batch, grouped by gradient accumulation."""
+        n = len(self.epoch_indices(train_data._dataset, 0))
+        return math.ceil(math.ceil(n / self.micro_batch_size) / self.accumulation_steps)
 
     def epoch_indices(self, dataset, epoch_idx):
         """Rows of the (prefix-augmented) training set used this epoch, shuffled."""
@@ -241,13 +233,10 @@ class SimGRTrainer(Trainer):
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         start = time.perf_counter()
         self.model.train()
-        loss_func = loss_func or self.model.calculate_loss
+        loss_func = self._autocast_loss(loss_func or self.model.calculate_loss)
         dataset = train_data._dataset
         index = self.epoch_indices(dataset, epoch_idx)
         batches = list(torch.split(index, self.micro_batch_size))
-        steps_per_epoch = math.ceil(len(batches) / self.accumulation_steps)
-        if self.scheduler is None:
-            self.scheduler = self._build_scheduler(steps_per_epoch)
         self.model.train_examples_last_epoch = len(index)
         progress = tqdm(total=len(batches), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink")) \
             if show_progress else None
@@ -266,17 +255,12 @@ class SimGRTrainer(Trainer):
                     progress.update(1)
             if self.clip_grad_norm:
                 nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
+            self.optimizer.step()  # the shared schedule (trainer/schedule.py) steps after each optimizer step
             self.optimizer.zero_grad()
         if progress is not None:
             progress.close()
         self.timings["train_epoch_seconds"].append(time.perf_counter() - start)
         return total_loss
-
-    def resume_checkpoint(self, resume_file):
-        super().resume_checkpoint(resume_file)
-        self.scheduler = None  # rebuilt for the remaining epochs at the next _train_epoch
 
 
 class SimGR(SequentialRecommender):

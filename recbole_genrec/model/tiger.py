@@ -16,7 +16,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_genrec.evaluator.beam_search import constrained_beam_search
-from recbole_genrec.evaluator.scores import beam_scores_to_full
+from recbole_genrec.evaluator.scores import beam_scores_to_full, fill_scores, tie_order
 from recbole_genrec.model.seq2seq import Seq2SeqBackbone, SemanticTokenLayout, token_cross_entropy
 from recbole_genrec.trainer import Trainer
 from recbole_genrec.utils import GenRecError
@@ -33,6 +33,8 @@ def load_semantic_ids(config, dataset):
 class TIGER(SequentialRecommender):
     input_type = InputType.POINTWISE
     trainer_class = Trainer
+    autocast_eval = True  # `precision: bf16` also autocasts beam search; its scores are fp32 log-softmaxes
+    accepts_recipes = True  # `--recipe=cpu` (properties/recipe/) applies to TIGER and every model derived from it
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -63,6 +65,9 @@ class TIGER(SequentialRecommender):
         self._trie_cpu = sids.trie
         self._trie_by_device = {}
         self.last_eval_seconds = 0.0
+        # unfound items are filled in the seeded raw-token order that breaks every model's ties (evaluator/scores.py)
+        order = tie_order(dataset.field2id_token[dataset.iid_field], config["seed"])
+        self.register_buffer("_tie_fill", fill_scores(self.n_items, order=order), persistent=False)
 
     def _load_semantic_ids(self, config, dataset):
         """The semantic IDs the layout is built from (called once in ``__init__``); derived models that
@@ -111,15 +116,23 @@ class TIGER(SequentialRecommender):
             self._trie_by_device[key] = moved if moved is not None else self._trie_cpu
         return self._trie_by_device[key]
 
+    def encode_for_decoding(self, input_ids, attention_mask, users=None):
+        """``(hidden [B, T', d], mask [B, T'])``: the encoder states the decoder attends to at inference.
+        TIGER: the encoder's output; TIGER++ appends retrieved users' cached states (``users [B]``)."""
+        return self.backbone.encode(input_ids, attention_mask), attention_mask
+
     @torch.no_grad()
-    def beam_search(self, input_ids, attention_mask, beam_size=None):
-        """``(items [B, W], scores [B, W])`` best first; users are processed ``beam_batch_size`` at a time."""
+    def beam_search(self, input_ids, attention_mask, beam_size=None, users=None):
+        """``(items [B, W], scores [B, W])`` best first; users are processed ``beam_batch_size`` at a time.
+        ``users [B]`` (optional) are handed to :meth:`encode_for_decoding`."""
         beam_size = int(beam_size or self.beam_size)
         trie = self.trie_on(input_ids.device)
         items, scores = [], []
         for start in range(0, input_ids.shape[0], self.beam_batch_size):
             sl = slice(start, start + self.beam_batch_size)
-            i, s = constrained_beam_search(self.backbone, input_ids[sl], attention_mask[sl], trie, beam_size)
+            hidden, mask = self.encode_for_decoding(input_ids[sl], attention_mask[sl],
+                                                    users[sl] if users is not None else None)
+            i, s = constrained_beam_search(self.backbone, input_ids[sl], mask, trie, beam_size, encoder_hidden=hidden)
             items.append(i)
             scores.append(s)
         width = max(i.shape[1] for i in items)
@@ -130,8 +143,9 @@ class TIGER(SequentialRecommender):
     def full_sort_predict(self, interaction):
         start = time.perf_counter()
         input_ids, mask = self.encoder_input(interaction)
-        items, scores = self.beam_search(input_ids, mask)
-        out = beam_scores_to_full(items, scores, self.n_items)
+        users = interaction[self.USER_ID] if self.USER_ID in interaction else None
+        items, scores = self.beam_search(input_ids, mask, users=users)
+        out = beam_scores_to_full(items, scores, self.n_items, fill=self._tie_fill)
         self.last_eval_seconds += time.perf_counter() - start
         return out
 

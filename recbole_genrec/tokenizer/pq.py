@@ -6,6 +6,7 @@ import time
 import torch
 
 from recbole_genrec.tokenizer.base import Tokenizer, kmeans, soft_assign
+from recbole_genrec.utils import progress
 
 
 class PQTokenizer(Tokenizer):
@@ -20,7 +21,7 @@ class PQTokenizer(Tokenizer):
             raise GenRecError(f"pq needs embedding dim >= num_codebooks, got {x.shape[1]} < {self.num_layers}")
         segments = torch.tensor_split(x, self.num_layers, dim=1)
         codes, soft, mse, self.codebooks = [], [], [], []
-        for layer, seg in enumerate(segments):
+        for layer, seg in enumerate(progress(segments, desc=f"{self.name} k-means", unit="segment")):
             seg = seg.contiguous()
             centers, assign, dist = kmeans(seg, self.codebook_size, self.kmeans_iters, self.generator(layer))
             temperature = float(dist.mean())

@@ -7,6 +7,7 @@ import torch
 
 from recbole_genrec.tokenizer.base import Tokenizer, kmeans, nearest, soft_assign
 from recbole_genrec.tokenizer.collision import row_keys
+from recbole_genrec.utils import progress
 
 
 class RQKMeansTokenizer(Tokenizer):
@@ -26,7 +27,7 @@ class RQKMeansTokenizer(Tokenizer):
         start = time.perf_counter()
         residual = embeddings.to(self.device, torch.float32).clone()
         codes, soft, mse, self.codebooks = [], [], [], []
-        for layer in range(self.num_layers):
+        for layer in progress(range(self.num_layers), desc=f"{self.name} k-means", unit="layer"):
             if layer == self.num_layers - 1:
                 self._last_inputs = residual.clone()
             fit_rows = self._ambiguous_rows(codes) if layer else None

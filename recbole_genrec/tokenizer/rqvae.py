@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from recbole_genrec.tokenizer.base import Tokenizer, kmeans, nearest, soft_assign
+from recbole_genrec.utils import progress
 
 
 class RQVAEOutput(NamedTuple):
@@ -39,6 +40,23 @@ def _mlp(dims):
     return nn.Sequential(*layers)
 
 
+def residual_quantise(z, codebooks):
+    """Residual quantisation of ``z`` ``[n, d]`` with ``codebooks`` ``[L, K, d]`` (hard nearest code per layer,
+    TIGER Sec. 3.1 / SODA Eq. 2): ``(codes [n, L], z_hat [n, d], residuals: L x [n, d], quantised: L x [n, d])``.
+    Gradients flow through the residuals and the chosen code vectors (pass ``codebooks.detach()`` to keep
+    them off the codebooks); the code choice itself is not differentiable."""
+    residual, codes, residuals, chosen = z, [], [], []
+    for book in codebooks:
+        idx, _ = nearest(residual.detach(), book.detach())
+        e = book[idx]
+        codes.append(idx)
+        residuals.append(residual)
+        chosen.append(e)
+        residual = residual - e
+    z_hat = torch.stack(chosen).sum(0)
+    return torch.stack(codes, 1), z_hat, residuals, chosen
+
+
 class RQVAE(nn.Module):
     def __init__(self, in_dim, hidden_dims, latent_dim, num_layers, codebook_size):
         super().__init__()
@@ -47,17 +65,8 @@ class RQVAE(nn.Module):
         self.codebooks = nn.Parameter(torch.randn(num_layers, codebook_size, latent_dim) * 0.01)
 
     def quantise(self, z):
-        """Residual quantisation of ``z``: ``(codes [n, L], z_hat, residuals [L, n, d], quantised [L, n, d])``."""
-        residual, codes, residuals, chosen = z, [], [], []
-        for book in self.codebooks:
-            idx, _ = nearest(residual.detach(), book.detach())
-            e = book[idx]
-            codes.append(idx)
-            residuals.append(residual)
-            chosen.append(e)
-            residual = residual - e
-        z_hat = torch.stack(chosen).sum(0)
-        return torch.stack(codes, 1), z_hat, residuals, chosen
+        """Residual quantisation of ``z`` with this model's codebooks (see :func:`residual_quantise`)."""
+        return residual_quantise(z, self.codebooks)
 
     def forward(self, x, beta, quantise=True):
         """The RQ-VAE loss terms and what regularised variants need (LETTER, ETEGRec), as an :class:`RQVAEOutput`.
@@ -126,7 +135,7 @@ class RQVAETokenizer(Tokenizer):
         warmup = max(1, self.epochs // 10)
         settle = self.epochs - max(1, self.epochs // 10)  # no re-seeding in the last 10% of epochs
         reseeded, history = 0, []
-        for epoch in range(self.epochs + warmup):
+        for epoch in progress(range(self.epochs + warmup), desc=f"{self.name} fit", unit="epoch"):
             quantise = epoch >= warmup
             if epoch == warmup:
                 self._init_codebooks(x)

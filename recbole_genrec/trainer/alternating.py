@@ -14,13 +14,15 @@ Model-side protocol (what the trainer calls; the model owns which parameters bel
   and select the phase's loss in ``calculate_loss``; ``epoch`` lets the model schedule loss weights.
 * ``model.refresh_item_ids() -> int``: re-derive every item's ID from the tokenizer after each
   tokenizer epoch (layout codes, item tokens, trie, anything cached); returns how many items changed.
+* ``model.frozen_tokenizer`` (optional, default False): True makes every epoch a recommender epoch (no
+  tokenizer training, no ID refresh: decoupled training, SODA's ``w/o alter`` ablation).
 
 Validation runs only after recommender epochs unless ``validate_tokenizer_epochs`` is True (right
 after a tokenizer epoch the recommender has not yet seen the new IDs). Checkpoints add every phase's
 optimizer state and the phase; the model's own state dict carries the tokenizer weights and the codes.
 """
 from recbole_genrec.trainer.trainer import Trainer
-from recbole_genrec.utils import GenRecError, int_setting
+from recbole_genrec.utils import GenRecError, int_setting, timed_phase
 
 PHASES = ("tokenizer", "recommender")
 
@@ -59,6 +61,8 @@ class AlternatingTrainer(Trainer):
                 raise GenRecError(f"{type(model).__name__} cannot train with AlternatingTrainer: it lacks "
                                   f"{method}(); implement the protocol of recbole_genrec/trainer/alternating.py")
         self.schedule = AlternatingSchedule.from_config(config)
+        if getattr(model, "frozen_tokenizer", False):  # decoupled training (SODA's w/o alter): recommender only
+            self.schedule = AlternatingSchedule(tokenizer_epochs=0, recommender_epochs=1, alternating_epochs=0)
         self.validate_tokenizer_epochs = bool(config["validate_tokenizer_epochs"])
         tok_lr = config["learning_rate_tokenizer"]
         tok_wd = config["weight_decay_tokenizer"]
@@ -77,6 +81,13 @@ class AlternatingTrainer(Trainer):
         self._eval_step = self.eval_step
         self.phase_history = []  # (epoch, phase, items whose ID changed or None)
 
+    def _scheduled_optimizer(self):
+        """The learning-rate schedule drives the recommender's optimizer (the tokenizer's keeps its rate)."""
+        return self.phase_optimizers["recommender"]
+
+    def _scheduled_epochs(self):
+        return sum(1 for epoch in range(int(self.epochs)) if self.schedule.phase(epoch) == "recommender")
+
     def _enter_phase(self, epoch_idx):
         phase = self.schedule.phase(epoch_idx)
         if phase != self.phase:
@@ -92,7 +103,8 @@ class AlternatingTrainer(Trainer):
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
         changed = None
         if phase == "tokenizer":
-            changed = int(self.model.refresh_item_ids())
+            with timed_phase("id_refresh"):
+                changed = int(self.model.refresh_item_ids())
             self.logger.info(f"epoch {epoch_idx}: item IDs refreshed from the tokenizer, "
                              f"{changed} items changed their ID")
         self.phase_history.append((epoch_idx, phase, changed))

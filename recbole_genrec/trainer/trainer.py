@@ -4,15 +4,23 @@ RecBole 1.2.1 pickles its whole ``Config`` into every checkpoint and reloads it 
 ``torch.load``, which torch >= 2.6 refuses (``weights_only=True`` by default). Here checkpoints hold
 only tensors and plain values (the config as JSON types), are written through a temp file and a
 rename, carry a per-run unique name, and are read back with ``weights_only=True``: no pickle at all.
+
+Every trainer here also carries the plugin's learning-rate schedule and mixed precision
+(:mod:`recbole_genrec.trainer.schedule`): ``lr_scheduler`` / ``warmup_*`` stepped per optimizer step and
+saved in checkpoints (a resumed run continues the schedule), ``precision`` as autocast around the loss.
 """
 import os
+import random
 import time
 import uuid
 
+import numpy as np
 import torch
+from recbole.evaluator import Collector
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import get_local_time, set_color
 
+from recbole_genrec.trainer.schedule import LRSchedule, autocast, resolve_precision
 from recbole_genrec.utils import GenRecError, atomic_torch_save, seconds_setting, to_jsonable
 
 
@@ -33,11 +41,71 @@ class _TimeBudgetReached(Exception):
     pass
 
 
+class TieBreakingCollector(Collector):
+    """RecBole's ``Collector`` whose top-K breaks equal scores by the seeded raw-token order
+    (:func:`recbole_genrec.evaluator.scores.tie_broken_topk`) instead of by internal item id (file order)."""
+
+    tie_order = None
+
+    def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
+        register = self.register
+        keys = [k for k in ("rec.items", "rec.topk") if register.need(k)]
+        if self.tie_order is None or not keys:
+            return super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        from recbole_genrec.evaluator.scores import tie_broken_topk
+
+        topk_idx = tie_broken_topk(scores_tensor, max(self.topk), self.tie_order)
+        if "rec.items" in keys:
+            self.data_struct.update_tensor("rec.items", topk_idx)
+        if "rec.topk" in keys:  # as RecBole 1.2.1's Collector, with the tie-broken top-K
+            pos_matrix = torch.zeros_like(scores_tensor, dtype=torch.int)
+            pos_matrix[positive_u, positive_i] = 1
+            pos_len_list = pos_matrix.sum(dim=1, keepdim=True)
+            pos_idx = torch.gather(pos_matrix, dim=1, index=topk_idx)
+            self.data_struct.update_tensor("rec.topk", torch.cat((pos_idx, pos_len_list), dim=1))
+        for key in keys:  # everything else (mean rank, scores, labels) as RecBole does it
+            setattr(register, key, False)
+        try:
+            super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        finally:
+            for key in keys:
+                setattr(register, key, True)
+
+
+def rng_state():
+    """Python, numpy, torch (and CUDA) RNG states as tensors and plain values (weights-only loadable)."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state):
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
 class SafeCheckpointMixin:
     """Unique, atomic, weights-only checkpoints plus per-epoch timings; put it before a RecBole trainer.
 
     ``train_time_budget`` (seconds, optional) ends training at the first epoch boundary after it is spent;
     the best checkpoint so far is then tested as after early stopping, and ``timings`` says so.
+
+    ``lr_scheduler`` (``constant | linear | cosine``) with ``warmup_steps`` or ``warmup_ratio`` scales the
+    learning rate of :meth:`_scheduled_optimizer` after each of its steps, over
+    ``_steps_per_epoch(train_data) * _scheduled_epochs()`` steps. ``precision`` (``fp32 | bf16 | auto``)
+    runs the training loss under ``torch.autocast``; evaluation too for models whose class sets
+    ``autocast_eval = True`` (their scores are computed in fp32, e.g. TIGER's beam log-probabilities).
     """
 
     def __init__(self, config, model):
@@ -49,9 +117,72 @@ class SafeCheckpointMixin:
         self.last_valid_result = None
         self.train_time_budget = seconds_setting(config, "train_time_budget")
         self._fit_start = None
+        self.lr_schedule = LRSchedule.from_config(config)
+        self.autocast_dtype = resolve_precision(config["precision"] if "precision" in config else None,
+                                                config["device"])
+        self.precision = "bf16" if self.autocast_dtype is not None else "fp32"
+        self.lr_scheduler = None
+        self._pending_lr_scheduler_state = None
+        self._lr_hook = None
+        if hasattr(self, "eval_collector"):  # ties broken by the seeded raw-token order (evaluator/scores.py)
+            self.eval_collector = TieBreakingCollector(config)
+        self._tie_dataset = None
+        # --resume: written after every validation (the best checkpoint holds only the best epoch's state)
+        self.resume_file = os.path.splitext(self.saved_model_file)[0] + "-resume.pth"
+        self._train_data = None
+        self._pending_resume = None
+
+    # ---- learning-rate schedule and precision ---------------------------------------------------
+    def _steps_per_epoch(self, train_data):
+        """Optimizer steps in one training epoch (one per loaded batch in RecBole's loop)."""
+        return len(train_data)
+
+    def _scheduled_epochs(self):
+        """Epochs the schedule spans (trainers that step this optimizer only in some epochs override it)."""
+        return int(self.epochs)
+
+    def _scheduled_optimizer(self):
+        return self.optimizer
+
+    def _attach_lr_schedule(self, train_data):
+        if self.lr_schedule.is_noop or self.lr_scheduler is not None:
+            return
+        optimizer = self._scheduled_optimizer()
+        total = max(1, self._steps_per_epoch(train_data) * max(1, self._scheduled_epochs()))
+        self.lr_scheduler = self.lr_schedule.build(optimizer, total)
+        if self._pending_lr_scheduler_state is not None:
+            self.lr_scheduler.load_state_dict(self._pending_lr_scheduler_state)
+            self._pending_lr_scheduler_state = None
+            for group, lr in zip(optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
+        scheduler = self.lr_scheduler
+        self._lr_hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: scheduler.step())
+        self.logger.info(f"lr_scheduler={self.lr_schedule.name}: {total} steps, "
+                         f"{self.lr_schedule.warmup(total)} warm-up steps")
+
+    def _autocast_loss(self, loss_func):
+        """``loss_func`` run under this trainer's precision (identity for fp32)."""
+        if self.autocast_dtype is None:
+            return loss_func
+
+        def run(interaction):
+            with autocast(self.device, self.autocast_dtype):
+                return loss_func(interaction)
+        return run
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._fit_start = time.perf_counter()
+        self._train_data = train_data
+        self._attach_lr_schedule(train_data)
+        self._apply_pending_resume(train_data)
+        user_callback = callback_fn
+
+        def callback_fn(epoch_idx, valid_score):
+            if saved:  # a resume point after every validation: --resume=<resume_file> continues from here
+                self._save_checkpoint(epoch_idx, verbose=False, saved_model_file=self.resume_file)
+            if user_callback is not None:
+                user_callback(epoch_idx, valid_score)
+
         try:
             return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
                                callback_fn=callback_fn)
@@ -66,8 +197,11 @@ class SafeCheckpointMixin:
                 and time.perf_counter() - self._fit_start >= self.train_time_budget):
             raise _TimeBudgetReached()
         start = time.perf_counter()
+        loss_func = self._autocast_loss(loss_func or self.model.calculate_loss)
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
         self.timings["train_epoch_seconds"].append(time.perf_counter() - start)
+        if self.lr_scheduler is not None:
+            self.timings.setdefault("learning_rate", []).append(self.lr_scheduler.get_last_lr()[0])
         return loss
 
     def _valid_epoch(self, valid_data, show_progress=False):
@@ -95,11 +229,28 @@ class SafeCheckpointMixin:
             "state_dict": self.model.state_dict(),
             "other_parameter": self.model.other_parameter(),
             "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            # resume: RNG states, the train loader's shuffling generator, early-stopping counters, best file
+            "rng": rng_state(),
+            "train_generator": (self._train_data.generator.get_state()
+                                if getattr(self._train_data, "generator", None) is not None else None),
+            "best_valid_result": to_jsonable(dict(self.best_valid_result or {})) or None,
+            "best_model_file": self.saved_model_file,
+            "model": str(self.config["model"]),
         }
 
     def load_model_weights(self, checkpoint_file):
         checkpoint = load_checkpoint(checkpoint_file, map_location=self.device)
-        self.model.load_state_dict(checkpoint["state_dict"])
+        written_by = checkpoint.get("model") or (checkpoint.get("config") or {}).get("model")
+        if written_by is not None and str(written_by) != str(self.config["model"]):
+            raise GenRecError(f"checkpoint {checkpoint_file!r} was written by model {written_by}, not "
+                              f"{self.config['model']}: pass --model={written_by} or another checkpoint")
+        try:
+            self.model.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as err:
+            raise GenRecError(f"checkpoint {checkpoint_file!r} does not fit this {self.config['model']} "
+                              f"({str(err).splitlines()[0]}): use the settings and dataset it was trained "
+                              "with") from None
         self.model.load_other_parameter(checkpoint.get("other_parameter"))
         self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
         return checkpoint
@@ -111,7 +262,24 @@ class SafeCheckpointMixin:
         self.cur_step = checkpoint["cur_step"]
         self.best_valid_score = checkpoint["best_valid_score"]
         self._restore_optimizers(checkpoint)
+        self._pending_lr_scheduler_state = checkpoint.get("lr_scheduler")
+        if checkpoint.get("best_valid_result") is not None:
+            self.best_valid_result = dict(checkpoint["best_valid_result"])
+        best = checkpoint.get("best_model_file")
+        if best and os.path.isfile(best):  # a resume file: the final test still loads the run's best weights
+            self.saved_model_file = best
+            self.resume_file = str(resume_file)
+        self._pending_resume = checkpoint  # RNG states and the loader's generator, restored when fit starts
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+    def _apply_pending_resume(self, train_data):
+        checkpoint, self._pending_resume = self._pending_resume, None
+        if checkpoint is None:
+            return
+        if checkpoint.get("rng") is not None:
+            set_rng_state(checkpoint["rng"])
+        if checkpoint.get("train_generator") is not None and getattr(train_data, "generator", None) is not None:
+            train_data.generator.set_state(checkpoint["train_generator"].cpu())
 
     def _restore_optimizers(self, checkpoint):
         """Optimizer state from a checkpoint (subclasses with several optimizers override this)."""
@@ -120,7 +288,21 @@ class SafeCheckpointMixin:
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if eval_data and load_best_model:
             self.load_model_weights(model_file or self.saved_model_file)
-        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        if eval_data and isinstance(self.eval_collector, TieBreakingCollector):
+            self._set_tie_order(eval_data._dataset)
+        dtype = self.autocast_dtype if getattr(self.model, "autocast_eval", False) else None
+        with autocast(self.device, dtype):
+            return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+
+    def _set_tie_order(self, dataset):
+        tokens = dataset.field2id_token[dataset.iid_field]  # shared by the train/valid/test copies
+        if self._tie_dataset is tokens:
+            return
+        from recbole_genrec.evaluator.scores import tie_order
+
+        self.eval_collector.tie_order = tie_order(tokens, self.config["seed"]).to(self.device)
+        self._tie_dataset = tokens
 
 
 _SAFE_CLASSES = {}

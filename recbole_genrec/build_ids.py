@@ -1,4 +1,4 @@
-"""``python -m recbole_genrec.semantic_ids --dataset=NAME [--tokenizer=rqvae|letter|rqkmeans|pq] [--k=v ...]``
+"""``python -m recbole_genrec.build_ids --dataset=NAME [--tokenizer=rqvae|letter|rqkmeans|pq] [--k=v ...]``
 
 Builds (or loads from the cache) the semantic IDs of a dataset's items, prints the quality report and
 exits 0; exits 1 if two items share an ID, 2 with a one-line ``error: ...`` on bad input. ``--model``
@@ -8,7 +8,7 @@ import logging
 import sys
 
 from recbole_genrec.config import parse_cmd_args
-from recbole_genrec.utils import GenRecError, to_jsonable
+from recbole_genrec.utils import GenRecError, set_show_progress, to_jsonable
 
 
 def main(argv=None):
@@ -33,6 +33,7 @@ def main(argv=None):
                              cmd_args=[f"--{k}={v}" for k, v in args.items()])
         tokenizer_settings(config)  # bad tokenizer settings fail before the dataset is read
         init_logger(config)
+        set_show_progress(config["show_progress"])
         logging.getLogger().setLevel(logging.WARNING)  # keep the report, not RecBole's dataset dump
         check_dataset_files(config)
         init_seed(config["seed"], config["reproducibility"])
