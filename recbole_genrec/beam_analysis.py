@@ -10,7 +10,6 @@ evaluation time (beam search + score tensor + ranking, all users of the split). 
 settings override the stored config (e.g. ``--beam_batch_size=128``).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -128,14 +127,9 @@ def main(argv=None):
     parser.add_argument("--json", default=None)
     args, rest = parser.parse_known_args(argv)
     try:
-        from recbole_genrec.config import parse_cmd_args
+        from recbole_genrec.config import parse_override_args
 
-        overrides = {}
-        for k, v in parse_cmd_args(rest).items():
-            try:
-                overrides[k] = json.loads(v)
-            except ValueError:
-                overrides[k] = v
+        overrides = parse_override_args(rest)
         result = analyse(args.checkpoint, [b for b in args.beam_sizes.split(",") if b.strip()], args.split,
                          args.device, overrides)
     except GenRecError as err:

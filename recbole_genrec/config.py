@@ -48,6 +48,20 @@ def model_yaml_chain(model, model_class):
     return chain + [model]
 
 
+def parse_override_args(args):
+    """``['--k=v', ...]`` -> ``{'k': value}`` with each value read as JSON where it parses (``3``, ``0.1``,
+    ``true``, ``[1, 2]``) and kept as text otherwise; for tools that rebuild a config from a checkpoint."""
+    import json
+
+    overrides = {}
+    for key, value in parse_cmd_args(args).items():
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:
+            overrides[key] = value
+    return overrides
+
+
 class Config(RecBoleConfig):
     """RecBole's ``Config`` that
 

@@ -5,7 +5,6 @@ that serves stock RecBole models and plugin models alike.
 or ``from recbole_genrec.quick_start import run_recbole_genrec``.
 """
 import logging
-import os
 import resource
 import sys
 import time
@@ -15,7 +14,7 @@ from logging import getLogger
 from pathlib import Path
 
 import torch
-from recbole.data import create_dataset, data_preparation
+from recbole.data import data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_genrec.config import Config, parse_cmd_args

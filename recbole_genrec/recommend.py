@@ -25,7 +25,6 @@ models (BPR, ...) the user's known items are removed, as RecBole's evaluation do
 An unknown user or item token is a one-line error (exit status 2).
 """
 import argparse
-import json
 import sys
 
 import torch
@@ -280,14 +279,9 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the results as JSON to this file")
     args, rest = parser.parse_known_args(argv)
     try:
-        from recbole_genrec.config import parse_cmd_args
+        from recbole_genrec.config import parse_override_args
 
-        overrides = {}
-        for k, v in parse_cmd_args(rest).items():
-            try:
-                overrides[k] = json.loads(v)
-            except ValueError:
-                overrides[k] = v
+        overrides = parse_override_args(rest)
         loaded = load_recommender(args.checkpoint, args.device, overrides)
         results = recommend(args.checkpoint, users=args.user, history=args.history, topk=args.topk,
                             split=args.split, loaded=loaded)

@@ -28,6 +28,32 @@ def int_setting(config, key, default, minimum=1):
     return value
 
 
+def number_setting(config, key, default, low=float("-inf"), high=float("inf"), low_open=False, high_open=False):
+    """``config[key]`` (``default`` when unset) checked to be a finite number in the given range (a bound is
+    excluded when its ``*_open`` is True); a one-line :class:`GenRecError` names the key and the range."""
+    import math
+
+    value = config[key] if config[key] is not None else default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        if high == float("inf"):
+            rng = f"{'>' if low_open else '>='} {low}"
+        else:
+            rng = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise GenRecError(f"{key} must be a finite number {rng}, got {value!r}: set --{key}=VALUE (default {default})")
+    return float(value)
+
+
+def bool_setting(config, key, default):
+    """``config[key]`` (``default`` when unset) checked to be True or False."""
+    value = config[key] if config[key] is not None else default
+    if not isinstance(value, bool):
+        raise GenRecError(f"{key} must be True or False, got {value!r}: set --{key}=True or --{key}=False")
+    return value
+
+
 def seconds_setting(config, key):
     """``config[key]``: ``None`` (no limit) or a positive number of seconds."""
     value = config[key]

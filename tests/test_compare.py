@@ -36,7 +36,7 @@ def test_recipe_changes_the_tiger_family_only(tiny_dataset, run_dirs):
 
 def test_comparison_cli_writes_table_json_and_png(tiny_dataset, run_dirs, fake_sids, capsys):
     data_path, name = tiny_dataset
-    args = [f"--model=TIGER,SASRec", f"--dataset={name}", f"--data_path={data_path}", "--epochs=1",
+    args = ["--model=TIGER,SASRec", f"--dataset={name}", f"--data_path={data_path}", "--epochs=1",
             "--show_progress=False", "--state=WARNING", "--result_file=cmp.json"]
     args += [f"--{k}={v}" for k, v in TINY_TIGER.items() if k != "device"]
     args += ["--load_col={'inter': ['user_id', 'item_id', 'rating', 'timestamp']}"]

@@ -113,7 +113,7 @@ def test_bad_precision_in_the_cli_exits_2(tiny_dataset, run_dirs, capsys):
     from recbole_genrec.quick_start import main
 
     data_path, name = tiny_dataset
-    code = main([f"--model=TIGER", f"--dataset={name}", f"--data_path={data_path}", "--precision=half",
+    code = main(["--model=TIGER", f"--dataset={name}", f"--data_path={data_path}", "--precision=half",
                  "--epochs=1", "--show_progress=False"])
     assert code == 2
     assert "precision must be one of" in capsys.readouterr().err

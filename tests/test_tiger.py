@@ -121,3 +121,31 @@ def test_beam_analysis_on_a_checkpoint(tiny_dataset, run_dirs, fake_sids):
     assert "NDCG@10" in format_table(result)
     with pytest.raises(GenRecError, match="beam sizes"):
         analyse(record["checkpoint"], [5, 20])
+
+
+def test_training_forward_reads_no_deprecated_cache_name(monkeypatch):
+    """transformers 5.x logs (not warns) when ``past_key_values`` is passed or read; the backbone must use ``cache``."""
+    from transformers.utils import generic
+
+    logged = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: logged.append(msg))
+    codes = torch.tensor([[0, 0], [1, 2], [0, 1], [2, 0]])
+    layout = SemanticTokenLayout(codes, [3, 4], num_user_tokens=5)
+    from recbole_genrec.model.seq2seq import Seq2SeqBackbone
+
+    cfg = dict(TINY_TIGER, dropout_rate=0.1, feed_forward_proj="relu", relative_attention_num_buckets=32,
+               relative_attention_max_distance=128, attn_implementation="sdpa")
+    backbone = Seq2SeqBackbone(layout, _Cfg(cfg))
+    ids = torch.tensor([[3, 7, 2, 6]])
+    backbone(ids, ids != 0, layout.decoder_input(codes[1:2]))
+    assert not [m for m in logged if "past_key_values" in str(m)]
+
+
+class _Cfg(dict):
+    """A RecBole-Config-like mapping: missing keys read as None."""
+
+    def __getitem__(self, key):
+        return dict.get(self, key)
+
+    def __contains__(self, key):
+        return dict.__contains__(self, key)

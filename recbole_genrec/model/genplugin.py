@@ -35,7 +35,7 @@ from recbole_genrec.model.letter import LETTER
 from recbole_genrec.model.seq2seq import set_dropout_sites, t5_config
 from recbole_genrec.model.tiger import TIGER
 from recbole_genrec.trainer import Trainer
-from recbole_genrec.utils import GenRecError, int_setting, seconds_setting
+from recbole_genrec.utils import GenRecError, bool_setting, int_setting, number_setting, seconds_setting
 
 
 # ---- losses (pure functions, tested by hand) -------------------------------------------------------------
@@ -102,22 +102,10 @@ def substitute_tokens(gold, substitutes, replace_prob, generator=None):
 
 # ---- settings ------------------------------------------------------------------------------------------
 def _number(config, key, default, low, high, low_open=False, high_open=False):
-    value = config[key] if config[key] is not None else default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise GenRecError(f"{key} must be a number, got {value!r}: set --{key}=NUMBER")
-    bad_low = value <= low if low_open else value < low
-    bad_high = value >= high if high_open else value > high
-    if bad_low or bad_high:
-        lo, hi = ("(" if low_open else "[") + f"{low}", f"{high}" + (")" if high_open else "]")
-        raise GenRecError(f"{key} must be in {lo}, {hi}, got {value!r}: change --{key}")
-    return float(value)
+    return number_setting(config, key, default, low, high, low_open, high_open)
 
 
-def _flag(config, key, default):
-    value = config[key] if config[key] is not None else default
-    if not isinstance(value, bool):
-        raise GenRecError(f"{key} must be True or False, got {value!r}: set --{key}=True or --{key}=False")
-    return value
+_flag = bool_setting
 
 
 class GenPluginSettings:

@@ -215,7 +215,7 @@ class Seq2SeqBackbone(nn.Module):
             use_cache=use_cache,
             **kwargs,
         )
-        return out.last_hidden_state, out.get("cache", out.get("past_key_values"))
+        return out.last_hidden_state, out.get(_cache_kwarg(decoder))  # the output key matches the input name
 
     def layer_logits(self, hidden, depth=None):
         """Logits restricted to each layer's token range.

@@ -23,7 +23,6 @@ path are a loop. The pieces are pure functions (tested by hand) and one module, 
 RQ-VAE trained in alternation), :class:`SODAL` (LETTER + the letter tokenizer trained in alternation) and
 :class:`SODAE` (ETEGRec). Choices the paper leaves open are listed in ``docs/soda.md``.
 """
-import math
 
 import torch
 import torch.nn.functional as F
@@ -34,24 +33,15 @@ from recbole_genrec.model.learnable_ids import LearnableTokenizerMixin, code_log
 from recbole_genrec.model.letter import LETTER
 from recbole_genrec.model.tiger import TIGER
 from recbole_genrec.tokenizer.rqvae import residual_quantise
-from recbole_genrec.utils import GenRecError
+from recbole_genrec.utils import GenRecError, bool_setting, number_setting
 
 
 # ---- settings ------------------------------------------------------------------------------------
 def _number(config, key, default, low, inclusive):
-    value = config[key] if config[key] is not None else default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value < low if inclusive else value <= low):
-        raise GenRecError(f"{key} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}: "
-                          f"set --{key}=VALUE (default {default})")
-    return float(value)
+    return number_setting(config, key, default, low=low, low_open=not inclusive)
 
 
-def _flag(config, key, default):
-    value = config[key] if config[key] is not None else default
-    if not isinstance(value, bool):
-        raise GenRecError(f"{key} must be True or False, got {value!r}: set --{key}=True or --{key}=False")
-    return value
+_flag = bool_setting
 
 
 def soda_settings(config):
