@@ -34,7 +34,10 @@ def config_from_checkpoint(stored, overrides=None):
     base = load_config(stored["model"], stored["dataset"], config_dict={"data_path": data_path})
     keep = {}
     for key, value in stored.items():
-        if key in _DERIVED or key not in base.final_config_dict:
+        if key in _DERIVED:
+            continue
+        if key not in base.final_config_dict:  # a user setting without a default (text_fields on own data): keep it
+            keep[key] = value
             continue
         default = base.final_config_dict[key]
         if value == default or isinstance(default, torch.device):

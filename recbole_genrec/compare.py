@@ -54,9 +54,15 @@ def run_comparison(models, dataset, config_file_list=None, cmd_args=None, result
     from recbole_genrec import quick_start
 
     cmd_args = list(cmd_args or [])
+    if any(a.startswith("--resume=") for a in cmd_args):
+        raise GenRecError("--resume continues one run: resume each model on its own (--model=NAME --resume=FILE)")
     if not any(a.startswith("--metrics=") for a in cmd_args) and "metrics" not in (config_dict or {}):
         cmd_args.append(f"--metrics={COMPARISON_METRICS}")
-    configs = [quick_start.load_config(m, dataset, config_file_list, config_dict, cmd_args) for m in models]
+    configs = [quick_start.load_config(m, dataset, config_file_list, config_dict, cmd_args, check_unknown_keys=False)
+               for m in models]
+    known = set().union(*(set(c.internal_config_dict) for c in configs))  # a key of any compared model is no typo
+    for config in configs:
+        config.check_unknown_keys(known)
     init_logger(configs[0])
     logger = getLogger()
     start_all = time.perf_counter()
@@ -95,7 +101,6 @@ def run_comparison(models, dataset, config_file_list=None, cmd_args=None, result
     atomic_write_json(path, comparison)
     comparison["result_file"] = str(path.resolve())
     table = format_table(comparison)
-    logger.info("\n" + table)
     comparison["table"] = table
     return comparison
 
@@ -164,6 +169,9 @@ def main(argv=None):
     from recbole_genrec.config import parse_cmd_args
 
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(quick_start.USAGE)
+        return 0
     try:
         args = parse_cmd_args(argv)
         model = args.get("model")

@@ -15,6 +15,9 @@ from recbole_genrec.utils import GenRecError, keep_freed_memory_for_reuse
 
 PROPERTIES_DIR = Path(__file__).resolve().parent.parent / "properties"
 
+# Keys users may set that no yaml layer defines (never taken for typos of a defined key).
+_NO_DEFAULT_KEYS = {"recipe", "text_fields", "resume", "seed", "model", "dataset"}
+
 # Keys whose type is fixed by the protocol even when RecBole's default is None.
 _TYPES_OF_NONE_DEFAULTS = {"MAX_ITEM_LIST_LENGTH": int, "train_time_budget": float}
 
@@ -73,8 +76,10 @@ class Config(RecBoleConfig):
     * rejects config values of the wrong type with a one-line message.
     """
 
-    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None,
+                 check_unknown_keys=True):
         self._cmd_args = list(cmd_args) if cmd_args is not None else []
+        self._check_unknown_keys = check_unknown_keys  # comparisons check against every compared model's keys
         for path in config_file_list or []:
             if not os.path.isfile(path):
                 raise GenRecError(f"config file {path!r} not found: check --config_files")
@@ -182,8 +187,23 @@ class Config(RecBoleConfig):
         self.final_config_dict["device"] = device
 
     # ---- checks ---------------------------------------------------------------------------
+    def check_unknown_keys(self, known):
+        """Raise for a user key that no layer defines but that is one edit away from a ``known`` key."""
+        import difflib
+
+        for key in self.external_config_dict:
+            if key in known or key in _NO_DEFAULT_KEYS:
+                continue
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+            if close:
+                raise GenRecError(f"unknown setting {key!r}: did you mean {close[0]!r}? (a misspelt key would be "
+                                  "ignored silently)")
+
     def _check_types(self):
-        """A user value must have the type of the default it overrides (ints may stand for floats)."""
+        """A user value must have the type of the default it overrides (ints may stand for floats); a key no
+        layer defines that is one edit away from one that is (``lerning_rate``) is a typo, not a new setting."""
+        if self._check_unknown_keys:
+            self.check_unknown_keys(set(self.internal_config_dict))
         for key, value in self.external_config_dict.items():
             default = self.internal_config_dict.get(key)
             expected = type(default) if default is not None else _TYPES_OF_NONE_DEFAULTS.get(key)

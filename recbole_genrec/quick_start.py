@@ -28,10 +28,11 @@ from recbole_genrec.utils import GenRecError, atomic_write_json, phase_timings, 
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
 
 
-def load_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
+def load_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None,
+                check_unknown_keys=True):
     """Build the layered :class:`~recbole_genrec.config.Config` (see its docstring for the order)."""
     return Config(model=model, dataset=dataset, config_file_list=config_file_list,
-                  config_dict=config_dict, cmd_args=cmd_args)
+                  config_dict=config_dict, cmd_args=cmd_args, check_unknown_keys=check_unknown_keys)
 
 
 def check_dataset_files(config):
@@ -161,9 +162,20 @@ def run_recbole_genrec(model=None, dataset=None, config_file_list=None, config_d
     return record
 
 
+USAGE = """usage: python run_recbole_genrec.py --model=NAME[,NAME...] --dataset=NAME [--recipe=cpu]
+       [--config_files="a.yaml b.yaml"] [--result_file=PATH] [--resume=CHECKPOINT] [--key=value ...]
+
+Trains, validates (early stopping on valid_metric) and tests one model, or several one after another on one
+prepared dataset (--model=A,B: a side-by-side table, JSON and PNG). Any RecBole or plugin setting goes as
+--key=value. Models, settings and examples: README.md and docs/usage.md."""
+
+
 def main(argv=None):
     """``run_recbole_genrec.py`` CLI; exit 0 on success, 2 with a one-line error on bad input."""
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
     try:
         args = parse_cmd_args(argv)
         config_files = args.pop("config_files", "").split() or None

@@ -59,3 +59,19 @@ def test_comparison_with_a_bad_second_model_fails_before_training(tiny_dataset, 
     assert code == 2
     assert "unknown model 'NoSuchModel'" in capsys.readouterr().err
     assert not os.path.exists("saved")  # nothing trained
+
+
+def test_a_misspelt_setting_is_a_one_line_error(tiny_dataset, run_dirs):
+    data_path, name = tiny_dataset
+    with pytest.raises(GenRecError, match="unknown setting 'lerning_rate': did you mean 'learning_rate'"):
+        load_config("SASRec", name, config_dict=tiny_config_dict(data_path, lerning_rate=0.5))
+    load_config("SASRec", name, config_dict=tiny_config_dict(data_path, my_own_note="kept"))  # not close: allowed
+
+
+def test_comparison_refuses_resume(tiny_dataset, run_dirs, capsys):
+    from recbole_genrec.compare import main as compare_main
+
+    data_path, name = tiny_dataset
+    assert compare_main(["--model=SASRec,Pop", f"--dataset={name}", f"--data_path={data_path}",
+                         "--resume=x.pth"]) == 2
+    assert "--resume continues one run" in capsys.readouterr().err

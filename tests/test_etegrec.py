@@ -230,3 +230,12 @@ def test_run_crosses_a_phase_switch_and_is_reproducible(tiny_dataset, run_dirs, 
         assert len(saved["timings"]["valid_eval_seconds"]) == 1  # epochs 0, 2 tokenizer; only epoch 1 validated
         assert [r["epoch"] for r in saved["extras"]["etegrec"]["id_refreshes"]] == [0, 2]
     assert records[0]["test_result"] == records[1]["test_result"]
+
+
+def test_too_few_epochs_for_a_recommender_epoch_is_a_one_line_error():
+    from recbole_genrec.trainer.alternating import AlternatingSchedule
+
+    with pytest.raises(GenRecError, match=r"set --epochs=2 or more"):
+        AlternatingSchedule(tokenizer_epochs=1, recommender_epochs=1).check_reaches_recommender(1)
+    AlternatingSchedule(tokenizer_epochs=1, recommender_epochs=1).check_reaches_recommender(2)
+    AlternatingSchedule(tokenizer_epochs=0, recommender_epochs=1).check_reaches_recommender(1)

@@ -44,6 +44,14 @@ class AlternatingSchedule:
                    int_setting(config, "cycle_recommender_epochs", 1, 1),
                    int_setting(config, "alternating_epochs", None, 0))
 
+    def check_reaches_recommender(self, epochs):
+        """A run of ``epochs`` epochs must train the recommender at least once (validation and the checkpoint
+        tested at the end come from recommender epochs); otherwise a one-line error before any training."""
+        if not any(self.phase(e) == "recommender" for e in range(int(epochs))):
+            first = next(e for e in range(10 ** 6) if self.phase(e) == "recommender")
+            raise GenRecError(f"epochs={epochs} ends before the first recommender epoch (epoch {first}, after "
+                              f"{self.tokenizer_epochs} tokenizer epoch(s) per cycle): set --epochs={first + 1} or more")
+
     def phase(self, epoch):
         if self.alternating_epochs is not None and epoch >= self.alternating_epochs:
             return "recommender"
@@ -80,6 +88,11 @@ class AlternatingTrainer(Trainer):
         self.phase = None
         self._eval_step = self.eval_step
         self.phase_history = []  # (epoch, phase, items whose ID changed or None)
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self.schedule.check_reaches_recommender(self.epochs)  # before any training, not a missing checkpoint at the end
+        return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                           callback_fn=callback_fn)
 
     def _scheduled_optimizer(self):
         """The learning-rate schedule drives the recommender's optimizer (the tokenizer's keeps its rate)."""
