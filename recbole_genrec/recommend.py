@@ -241,7 +241,8 @@ def format_results(results, model_name=""):
     for res in results:
         head = f"user {res['user']}" if res["user"] is not None else "given history"
         hist = res["history"]
-        lines.append(f"{head}: {len(hist)} items, last {min(len(hist), SHOWN_HISTORY)} (oldest first)")
+        lines.append(f"{head}: model input of {len(hist)} items (the most recent, up to MAX_ITEM_LIST_LENGTH), "
+                     f"last {min(len(hist), SHOWN_HISTORY)} shown (oldest first)")
         hist_width = max([len(e["item"]) for e in hist[-SHOWN_HISTORY:]] + [1])
         for entry in hist[-SHOWN_HISTORY:]:
             lines.append(f"    {entry['item']:<{hist_width}}  {entry.get('title') or ''}".rstrip())

@@ -153,11 +153,20 @@ def to_jsonable(value):
     return str(value)
 
 
+def _chmod_like_open(path):
+    """``mkstemp`` makes 0600 files; give the final file the mode ``open`` would (0666 less the umask), so result
+    files and caches on a shared filesystem (Ray workers, other users) stay readable."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_bytes(path, data):
     """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _chmod_like_open(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -177,6 +186,7 @@ def atomic_torch_save(obj, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _chmod_like_open(tmp)
     os.close(fd)
     try:
         torch.save(obj, tmp)
