@@ -94,7 +94,7 @@ def test_sasrec_checkpoint_user_history_and_evaluation_ranking(tiny_dataset, run
 
     assert main([f"--checkpoint={ckpt}", "--history=3 4 5", "--topk=3", "--device=cpu"]) == 0
     out = capsys.readouterr().out
-    assert "given history: 3 items" in out and "top-3 from SASRec" in out
+    assert "given history: model input of 3 items" in out and "top-3 from SASRec" in out
     with pytest.raises(GenRecError, match="either users"):
         recommend(ckpt, users=["1"], history="1 2", loaded=loaded)
 
