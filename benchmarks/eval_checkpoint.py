@@ -34,6 +34,7 @@ def main(argv=None):
         config = config_from_checkpoint(stored["config"], args)
         _, train, valid, test = prepare_data(config)
         _, trainer = build_model_and_trainer(config, train)
+        trainer.eval_collector.data_collect(train)  # item counts for head/tail metrics (RecBole's fit does this)
         result = trainer.evaluate(test if split == "test" else valid, model_file=checkpoint)
     except GenRecError as err:
         print(f"error: {err}", file=sys.stderr)
