@@ -156,6 +156,8 @@ class SafeCheckpointMixin:
             for group, lr in zip(optimizer.param_groups, self.lr_scheduler.get_last_lr()):
                 group["lr"] = lr
         scheduler = self.lr_scheduler
+        if self._lr_hook is not None:  # a schedule re-attached (GenPlugin's stage 2): the old one stops stepping
+            self._lr_hook.remove()
         self._lr_hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: scheduler.step())
         self.logger.info(f"lr_scheduler={self.lr_schedule.name}: {total} steps, "
                          f"{self.lr_schedule.warmup(total)} warm-up steps")
