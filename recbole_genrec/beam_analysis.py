@@ -16,12 +16,14 @@ import time
 
 import torch
 
+from recbole_genrec.distributed import LAUNCH_KEYS
 from recbole_genrec.utils import GenRecError
 
 # Keys RecBole derives itself; passing them back in would fight its own logic.
 _DERIVED = {"model", "dataset", "device", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type", "single_spec",
             "local_rank", "is_parallel", "gpu_id", "train_neg_sample_args", "valid_neg_sample_args",
-            "test_neg_sample_args", "eval_neg_sample_args", "data_path", "checkpoint_dir"}
+            "test_neg_sample_args", "eval_neg_sample_args", "data_path", "checkpoint_dir",
+            *LAUNCH_KEYS}  # how a multi-process run was started: a checkpoint is evaluated in one process
 
 
 def config_from_checkpoint(stored, overrides=None):

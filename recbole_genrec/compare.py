@@ -165,7 +165,7 @@ def main(argv=None):
     import logging
     import sys
 
-    from recbole_genrec import quick_start
+    from recbole_genrec import distributed, quick_start
     from recbole_genrec.config import parse_cmd_args
 
     argv = sys.argv[1:] if argv is None else argv
@@ -177,6 +177,9 @@ def main(argv=None):
         model = args.get("model")
         if model is None or "," not in model:
             return quick_start.main(argv)
+        if quick_start.launch_settings(dict(args)) is not None or distributed.torchrun_env() is not None:
+            raise GenRecError("--nproc, --world_size and torchrun run one model at a time: start one "
+                              "multi-process run per model")
         config_files = args.pop("config_files", "").split() or None
         result_file = args.pop("result_file", None)
         args.pop("model")

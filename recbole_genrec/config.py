@@ -146,7 +146,8 @@ class Config(RecBoleConfig):
 
     def _apply_recipe(self, recipe, model, model_class):
         """``--recipe=NAME``: ``properties/recipe/NAME.yaml`` (or a yaml path) on top of the model's yaml, for
-        models that accept recipes (``accepts_recipes = True``: the TIGER family); stock models ignore it, so
+        models that accept recipes (``accepts_recipes = True``: the TIGER family), then ``properties/recipe/NAME/<M>.yaml``
+        for each model ``M`` of the yaml chain where it exists; stock models ignore it, so
         ``--model=TIGER,SASRec --recipe=cpu`` changes TIGER only. Files and the command line still override it."""
         path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else PROPERTIES_DIR / "recipe" / f"{recipe}.yaml"
         if not path.is_file():
@@ -154,7 +155,15 @@ class Config(RecBoleConfig):
             raise GenRecError(f"recipe {recipe!r} not found ({path}): use one of {known} or a yaml file path")
         if getattr(model_class, "accepts_recipes", False):
             self._update_internal_config_dict(str(path))
-            self.internal_config_dict["recipe_file"] = str(path)
+            files = [str(path)]
+            # Per-model refinements (e.g. GenPlugin's guidance start scaled to the recipe's epochs):
+            # properties/recipe/NAME/<Model>.yaml along the model's yaml chain, ancestors first.
+            for name in model_yaml_chain(model, model_class):
+                extra = path.with_suffix("") / f"{name}.yaml"
+                if extra.is_file():
+                    self._update_internal_config_dict(str(extra))
+                    files.append(str(extra))
+            self.internal_config_dict["recipe_file"] = ",".join(files)
 
     def _set_default_parameters(self):
         # RecBole refuses CE-loss models (SASRec's default) unless negative sampling is switched off
@@ -164,7 +173,32 @@ class Config(RecBoleConfig):
             final["train_neg_sample_args"] = None
         super()._set_default_parameters()
 
+    def _distributed_launch(self):
+        """How this process joins a multi-process run, or ``None`` for a single process: spawned by ``--nproc``
+        / started per machine (``local_rank`` set by :mod:`recbole_genrec.quick_start`), or by torchrun (its
+        environment). A run started inside a process that already joined a group (an auxiliary SASRec on
+        rank 0) is single-process."""
+        from recbole_genrec import distributed
+
+        final = self.final_config_dict
+        if "local_rank" in self.external_config_dict and int(final.get("world_size") or 1) > 1:
+            return {"local_rank": int(final["local_rank"]), "offset": int(final.get("offset") or 0),
+                    "world_size": int(final["world_size"]), "nproc": int(final.get("nproc") or 1),
+                    "ip": str(final.get("ip") or "localhost"), "port": str(final.get("port") or "5678"),
+                    "from_env": False}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return None
+        env = distributed.torchrun_env()
+        if env is None:
+            return None
+        return {**{k: env[k] for k in ("local_rank", "offset", "world_size", "nproc", "ip", "port")},
+                "from_env": True}
+
     def _init_device(self):
+        launch = self._distributed_launch()
+        if launch is not None:
+            return self._init_distributed(launch)
+        self.final_config_dict.pop("local_rank", None)  # RecBole would read it as a (CUDA-only) DDP launch
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         user_gpu = "gpu_id" in self.external_config_dict
         if visible is not None and not user_gpu:
@@ -185,6 +219,37 @@ class Config(RecBoleConfig):
         if device.type == "cuda" and not torch.cuda.is_available():
             raise GenRecError("--device=cuda was asked for but no CUDA GPU is visible: use --device=cpu")
         self.final_config_dict["device"] = device
+
+    def _init_distributed(self, launch):
+        """Join the process group with ``ddp_backend`` (gloo on CPU, nccl on CUDA) instead of RecBole's
+        NCCL-only path; rank ``local_rank`` of this machine uses GPU ``local_rank`` when CUDA is used."""
+        from recbole_genrec import distributed
+
+        final = self.final_config_dict
+        requested = self.external_config_dict.get("device")
+        use_cuda = torch.cuda.is_available() and final.get("use_gpu", True) and requested != "cpu"
+        if requested is not None and str(requested).startswith("cuda") and not torch.cuda.is_available():
+            raise GenRecError("--device=cuda was asked for but no CUDA GPU is visible: use --device=cpu")
+        if use_cuda:
+            if launch["local_rank"] >= torch.cuda.device_count():
+                raise GenRecError(f"--nproc={launch['nproc']} needs {launch['nproc']} visible GPUs, this machine "
+                                  f"has {torch.cuda.device_count()}: lower --nproc or use --device=cpu")
+            device = torch.device("cuda", launch["local_rank"])
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        backend = distributed.resolve_backend(final.get("ddp_backend"), device)
+        global_rank = launch["local_rank"] + launch["offset"]
+        if not 0 <= global_rank < launch["world_size"]:
+            raise GenRecError(f"rank {global_rank} (local_rank {launch['local_rank']} + offset "
+                              f"{launch['offset']}) is outside world_size {launch['world_size']}: check --offset")
+        distributed.init_process_group(backend, global_rank, launch["world_size"], launch["ip"], launch["port"],
+                                       from_env=launch["from_env"])
+        final.update({"local_rank": launch["local_rank"], "offset": launch["offset"],
+                      "world_size": launch["world_size"], "nproc": launch["nproc"], "ip": launch["ip"],
+                      "port": launch["port"], "ddp_backend": backend, "device": device, "single_spec": False})
+        if global_rank != 0:  # as RecBole: rank 0 logs and shows progress, the others report errors only
+            final.update({"state": "warning", "show_progress": False, "verbose": False})
 
     # ---- checks ---------------------------------------------------------------------------
     def check_unknown_keys(self, known):

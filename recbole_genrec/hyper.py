@@ -455,6 +455,11 @@ def run_hyper(model, dataset, params_file, config_file_list=None, config_dict=No
     space = read_search_space(params_file)
     cmd_args = list(cmd_args or [])
     given = parse_cmd_args(cmd_args)
+    launch = {k: v for k, v in {**(config_dict or {}), **given}.items() if k in quick_start.LAUNCH_ARGS}
+    if quick_start.launch_settings(dict(launch)) is not None or any(k in space for k in quick_start.LAUNCH_ARGS):
+        raise GenRecError("a search runs every trial in one process (a trial may not start a process group): drop "
+                          "--nproc/--world_size and give each trial more cores with --cpus_per_trial or GPUs with "
+                          "--gpus_per_trial (docs/distributed.md)")
     clash = sorted((set(given) | set(config_dict or {})) & set(space))
     if clash:
         raise GenRecError(f"{clash} are both fixed and searched: drop them from the command line or from "

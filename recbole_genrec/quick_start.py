@@ -5,11 +5,13 @@ that serves stock RecBole models and plugin models alike.
 or ``from recbole_genrec.quick_start import run_recbole_genrec``.
 """
 import logging
+import os
 import resource
 import sys
 import time
 import uuid
 import warnings
+from contextlib import nullcontext
 from logging import getLogger
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 from recbole.data import data_preparation
 from recbole.utils import init_logger, init_seed, set_color
 
+from recbole_genrec import distributed
 from recbole_genrec.config import Config, parse_cmd_args
 from recbole_genrec.registry import get_trainer
 from recbole_genrec.utils import GenRecError, atomic_write_json, phase_timings, set_show_progress, to_jsonable
@@ -62,10 +65,42 @@ def prepare_data(config):
 
 
 def build_model_and_trainer(config, train_data):
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = config.model_class(config, train_data._dataset).to(config["device"])
+    """The model (seeded ``seed + rank``) and its trainer. In a multi-process run rank 0 builds first, writing
+    the caches (item embeddings, semantic IDs, CF SASRec) the other ranks then read; the trainer then gives
+    every rank rank 0's weights."""
+    multi = not config["single_spec"]
+    init_seed(config["seed"] + (distributed.rank() if multi else 0), config["reproducibility"])
+    with distributed.rank_zero_first() if multi else nullcontext():
+        model = config.model_class(config, train_data._dataset).to(config["device"])
     trainer = get_trainer(config.model_class, config)(config, model)
     return model, trainer
+
+
+def shard_loaders(config, train_data, valid_data, test_data):
+    """Multi-process runs: evaluation shards without RecBole's padding (no user counted twice), and the
+    training shuffle follows the run's seed (:func:`recbole_genrec.distributed.unpad_eval_sampler`)."""
+    if config["single_spec"]:
+        return
+    distributed.unpad_eval_sampler(train_data, seed=config["seed"])
+    for loader in (valid_data, test_data):
+        distributed.unpad_eval_sampler(loader)
+
+
+class _RankFilter(logging.Filter):
+    """Prefixes every log line with ``[rank R/W]`` in a multi-process run."""
+
+    def filter(self, record):
+        if distributed.is_active() and not getattr(record, "_rank_tagged", False):
+            record.msg = f"[rank {distributed.rank()}/{distributed.world_size()}] {record.msg}"
+            record._rank_tagged = True
+        return True
+
+
+def tag_log_with_rank(logger):
+    if distributed.is_active() and not any(isinstance(f, _RankFilter) for f in logger.filters):
+        for handler in logger.handlers:
+            handler.addFilter(_RankFilter())
+        logger.addFilter(_RankFilter())
 
 
 def peak_memory():
@@ -95,8 +130,11 @@ def run_recbole_genrec(model=None, dataset=None, config_file_list=None, config_d
     phase_timings(reset=True)  # timings.phases: this run's setup phases (text embedding, tokenizer fit, ...)
     if prepared is None:
         config = load_config(model, dataset, config_file_list, config_dict, cmd_args)
+        # RecBole's init_logger checks then creates ./log/<model>: ranks starting together race on it
+        os.makedirs(os.path.join("log", str(config["model"])), exist_ok=True)
         init_logger(config)
         logger = getLogger()
+        tag_log_with_rank(logger)
         logger.info(config)
         start = time.perf_counter()
         dataset_obj, train_data, valid_data, test_data = prepare_data(config)
@@ -105,6 +143,7 @@ def run_recbole_genrec(model=None, dataset=None, config_file_list=None, config_d
     else:
         config, dataset_obj, train_data, valid_data, test_data = prepared
         logger = getLogger()
+    shard_loaders(config, train_data, valid_data, test_data)
     set_show_progress(config["show_progress"])  # progress bars of the long setup phases, as RecBole's
 
     start = time.perf_counter()
@@ -153,8 +192,13 @@ def run_recbole_genrec(model=None, dataset=None, config_file_list=None, config_d
         "checkpoint": trainer.saved_model_file if saved else None,
         "resume_file": getattr(trainer, "resume_file", None) if saved else None,  # --resume=... continues the run
         "extras": to_jsonable(getattr(model_obj, "result_extras", dict)()),
+        "distributed": {"world_size": distributed.world_size() if not config["single_spec"] else 1,
+                        "backend": config["ddp_backend"] if not config["single_spec"] else None},
         "config": to_jsonable(config.final_config_dict),
     }
+    if not config["single_spec"] and not distributed.is_main():  # rank 0 alone writes the result
+        record["result_file"] = None
+        return record
     path = Path(result_file) if result_file else default_result_path(config)
     atomic_write_json(path, record)
     record["result_file"] = str(path.resolve())
@@ -162,8 +206,102 @@ def run_recbole_genrec(model=None, dataset=None, config_file_list=None, config_d
     return record
 
 
+# ---- several processes ---------------------------------------------------------------------------------------
+LAUNCH_ARGS = ("nproc", "world_size", "ip", "port", "offset")
+
+
+def launch_settings(args):
+    """``--nproc`` / ``--world_size`` / ``--ip`` / ``--port`` / ``--offset`` from the command line (popped from
+    ``args``), checked; ``None`` for a single process or a torchrun start (each torchrun process runs as one)."""
+    raw = {k: args.pop(k) for k in LAUNCH_ARGS if k in args}
+    if distributed.torchrun_env() is not None:
+        if raw:
+            raise GenRecError(f"{sorted(raw)} cannot be combined with torchrun: torchrun sets the ranks "
+                              "(--nproc_per_node, --nnodes, --master_addr, --master_port)")
+        return None
+
+    def integer(key, default, minimum):
+        value = raw.get(key, default)
+        try:
+            value = int(value)
+        except (TypeError, ValueError):
+            raise GenRecError(f"--{key} must be an integer >= {minimum}, got {raw.get(key)!r}") from None
+        if value < minimum:
+            raise GenRecError(f"--{key} must be an integer >= {minimum}, got {value}")
+        return value
+
+    nproc = integer("nproc", 1, 1)
+    world = integer("world_size", -1, -1)
+    world = nproc if world in (-1, 0) else world
+    offset = integer("offset", 0, 0)
+    if world == 1 and nproc == 1:
+        return None
+    if nproc > world:
+        raise GenRecError(f"--nproc={nproc} is more than --world_size={world}: world_size counts every process "
+                          "on every machine")
+    if offset + nproc > world:
+        raise GenRecError(f"--offset={offset} + --nproc={nproc} exceeds --world_size={world}: each machine's "
+                          "offset is the number of processes on the machines before it")
+    several_machines = world > nproc
+    port = raw.get("port")
+    if port is None:
+        if several_machines:
+            raise GenRecError("several machines need the same --port on each (and --ip=<rank 0's address>)")
+        port = distributed.free_port()
+    try:
+        if not 0 < int(port) < 65536:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise GenRecError(f"--port must be a TCP port (1-65535), got {port!r}") from None
+    return {"nproc": nproc, "world_size": world, "offset": offset, "ip": str(raw.get("ip", "localhost")),
+            "port": str(port)}
+
+
+def _rank_main(local_rank, launch, model, dataset, config_files, cmd_args, result_file, queue):
+    """One spawned process of a ``--nproc`` run: ``run_recbole_genrec`` as rank ``offset + local_rank``."""
+    try:
+        record = run_recbole_genrec(model=model, dataset=dataset, config_file_list=config_files,
+                                    config_dict={"local_rank": local_rank, **launch}, cmd_args=cmd_args,
+                                    result_file=result_file)
+    except GenRecError as err:
+        queue.put(("error", local_rank, str(err)))
+        raise SystemExit(2)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if record.get("result_file"):
+        queue.put(("result", local_rank, {"test_result": record["test_result"],
+                                          "result_file": record["result_file"]}))
+
+
+def run_distributed(launch, model, dataset, config_files, cmd_args, result_file):
+    """Spawn ``launch['nproc']`` processes of one run (ranks ``offset .. offset + nproc - 1``); returns rank 0's
+    ``{'test_result', 'result_file'}`` (``None`` on a machine without rank 0). The settings are checked in
+    this process first, so bad input ends before any process starts."""
+    import torch.multiprocessing as mp
+
+    load_config(model, dataset, config_files, cmd_args=cmd_args)  # one-line errors here, exit 2
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    try:
+        mp.spawn(_rank_main, args=(launch, model, dataset, config_files, cmd_args, result_file, queue),
+                 nprocs=launch["nproc"], join=True)
+    except mp.ProcessExitedException:
+        pass  # the queue says why (a one-line error) or the worker's traceback is already on stderr
+    except Exception as err:  # a worker raised: its traceback is on stderr
+        raise RuntimeError(f"a process of the {launch['nproc']}-process run failed: {err}") from None
+    result = None
+    while not queue.empty():
+        kind, rank, payload = queue.get()
+        if kind == "error":
+            raise GenRecError(f"rank {launch['offset'] + rank}: {payload}")
+        result = payload
+    return result
+
+
 USAGE = """usage: python run_recbole_genrec.py --model=NAME[,NAME...] --dataset=NAME [--recipe=cpu]
        [--config_files="a.yaml b.yaml"] [--result_file=PATH] [--resume=CHECKPOINT] [--key=value ...]
+       [--nproc=N] [--world_size=W --ip=HOST --port=P --offset=K]    (or start it under torchrun)
 
 Trains, validates (early stopping on valid_metric) and tests one model, or several one after another on one
 prepared dataset (--model=A,B: a side-by-side table, JSON and PNG). Any RecBole or plugin setting goes as
@@ -184,12 +322,29 @@ def main(argv=None):
         if model is not None and "," in model:  # compare.main runs comparisons (it imports this module)
             raise GenRecError(f"--model={model!r} names several models: compare them with "
                               "python run_recbole_genrec.py (recbole_genrec.compare.main)")
+        launch = launch_settings(args)
+        if launch is not None:
+            result = run_distributed(launch, model, dataset, config_files,
+                                     [f"--{k}={v}" for k, v in args.items()], result_file)
+            if result is None:
+                print(f"ranks {launch['offset']}..{launch['offset'] + launch['nproc'] - 1} done (rank 0 writes "
+                      "the result on its machine)")
+            else:
+                print(f"test result: {result['test_result']}")
+                print(f"result file: {result['result_file']}")
+            return 0
         record = run_recbole_genrec(model=model, dataset=dataset, config_file_list=config_files,
                                     cmd_args=[f"--{k}={v}" for k, v in args.items()], result_file=result_file)
     except GenRecError as err:
         logging.shutdown()
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if torch.distributed.is_initialized():  # a torchrun start
+        rank = distributed.rank()
+        torch.distributed.destroy_process_group()
+        if record["result_file"] is None:
+            print(f"rank {rank} done (rank 0 writes the result)")
+            return 0
     print(f"test result: {record['test_result']}")
     print(f"result file: {record['result_file']}")
     return 0

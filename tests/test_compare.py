@@ -34,6 +34,21 @@ def test_recipe_changes_the_tiger_family_only(tiny_dataset, run_dirs):
         load_config("TIGER", name, config_dict={**base, "recipe": "nope"})
 
 
+def test_recipe_refinements_follow_the_model_yaml_chain(tiny_dataset, run_dirs):
+    """properties/recipe/cpu/<Model>.yaml: GenPlugin's guidance start, the alternating models' doubled epochs."""
+    data_path, name = tiny_dataset
+    base = {k: v for k, v in tiny_config_dict(data_path).items() if k != "epochs"}
+    tiger = load_config("TIGER", name, config_dict={**base, "recipe": "cpu"})
+    tigerpp = load_config("TIGER++", name, config_dict={**base, "recipe": "cpu"})
+    letterpp = load_config("LETTER++", name, config_dict={**base, "recipe": "cpu"})
+    soda_e = load_config("SODA-E", name, config_dict={**base, "recipe": "cpu"})  # inherits ETEGRec's file
+    assert tiger["epochs"] == 12 and tigerpp["d_model"] == tiger["d_model"] == 64
+    assert tigerpp["ssg_start_epoch"] == letterpp["ssg_start_epoch"] == 2 and tigerpp["rar_epochs"] == 4
+    assert soda_e["epochs"] == 24 and soda_e["recipe_file"].endswith("cpu/ETEGRec.yaml")
+    assert load_config("TIGER++", name, config_dict={**base, "recipe": "cpu", "ssg_start_epoch": 5})[
+        "ssg_start_epoch"] == 5  # the command line still wins
+
+
 def test_comparison_cli_writes_table_json_and_png(tiny_dataset, run_dirs, fake_sids, capsys):
     data_path, name = tiny_dataset
     args = ["--model=TIGER,SASRec", f"--dataset={name}", f"--data_path={data_path}", "--epochs=1",

@@ -171,3 +171,11 @@ def test_every_shipped_search_space_names_keys_its_model_knows(space_file, tiny_
     config = Config(space_file.stem, name, config_dict=tiny_config_dict(data_path))
     unknown = [key for key in space if key not in config.final_config_dict]
     assert not unknown, f"{space_file.name}: keys not in {space_file.stem}'s config: {unknown}"
+
+
+def test_a_search_refuses_a_multi_process_run(tmp_path, capsys):
+    path = tmp_path / "space.yaml"
+    path.write_text("learning_rate: loguniform -8 -4\n")
+    assert main(["--model=SASRec", "--dataset=ml-100k", f"--params_file={path}", "--nproc=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "one process" in err and "\n" not in err

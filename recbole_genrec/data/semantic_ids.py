@@ -22,6 +22,10 @@ from recbole_genrec.tokenizer.trie import PrefixTrie
 from recbole_genrec.utils import GenRecError, atomic_write_json, timed_phase
 
 COLLISION_MODES = ("append", "reassign")
+# Soft assignment probabilities (SemanticIDs.soft_probs, n x K floats per layer) are kept and cached only up to this
+# size: 3 GB at 1M items x 3 layers x 256 codes, which no model reads (None above it).
+SOFT_PROBS_MAX_BYTES = 2**30
+_DISPERSION_ELEMS = 2**24  # float64 elements per column block in prefix_dispersion (128 MB)
 CODES_VERSION = 2  # bump when a tokenizer's algorithm changes: cached codes of older versions are rebuilt
 
 
@@ -33,7 +37,7 @@ class SemanticIDs:
     codes: torch.Tensor  # LongTensor [item_num, L]
     codebook_sizes: list
     embeddings: torch.Tensor  # FloatTensor [item_num, d]
-    soft_probs: list  # L FloatTensors [item_num, K_l], or None where a tokenizer layer has none
+    soft_probs: list  # L FloatTensors [item_num, K_l] (None where a layer has none), or None above SOFT_PROBS_MAX_BYTES
     report: dict
     trie: PrefixTrie
     texts: list = field(default=None, repr=False)
@@ -70,20 +74,33 @@ def prefix_dispersion(embeddings, codes, skip_padding=None):
     ``w_k ~ max(mu_{k-1} - mu_k, 0)``, normalised to sum to L (see :func:`front_greater_weights`).
     ``skip_padding=None`` drops row 0 when it is the all-zero padding item of :class:`SemanticIDs`.
     """
-    embeddings = torch.as_tensor(embeddings).double().cpu()
+    embeddings = torch.as_tensor(embeddings).cpu()  # float64 a block of columns at a time (below)
     codes = torch.as_tensor(codes).long().cpu()
     embeddings, codes = _strip_padding(embeddings, codes, skip_padding)
     n = codes.shape[0]
     if n == 0:
         return [0.0] * (codes.shape[1] + 1)
-    sq = (embeddings * embeddings).sum(1)
+    d = embeddings.shape[1]
+    # Column blocks bound the float64 working set to [n + G, block] instead of several [n, d] copies (12 GB at 1M
+    # items of dimension 384); per column the sums are the same, only the sum over columns is split into blocks
+    # (one block, i.e. the plain computation, up to 2**24 / d items).
+    block = max(1, min(d, _DISPERSION_ELEMS // n))
+    whole = embeddings.double() if block >= d else None
+    blocks = lambda: [whole] if whole is not None else (  # noqa: E731
+        embeddings[:, j:j + block].double() for j in range(0, d, block))
+    sq = torch.zeros(n, dtype=torch.float64)
+    for e in blocks():
+        sq += (e * e).sum(1)
     out = []
     for g in prefix_group_ids(codes):
         G = int(g.max()) + 1
         cnt = torch.bincount(g, minlength=G).double()
-        mean = torch.zeros(G, embeddings.shape[1], dtype=torch.float64).index_add_(0, g, embeddings) / cnt[:, None]
+        mean_norm = torch.zeros(G, dtype=torch.float64)
+        for e in blocks():
+            mean = torch.zeros(G, e.shape[1], dtype=torch.float64).index_add_(0, g, e).div_(cnt[:, None])
+            mean_norm += (mean * mean).sum(1)
         mean_sq = torch.zeros(G, dtype=torch.float64).index_add_(0, g, sq) / cnt
-        var = (mean_sq - (mean * mean).sum(1)).clamp_min(0.0)  # V(G) = E||u||^2 - ||E u||^2
+        var = (mean_sq - mean_norm).clamp_min(0.0)  # V(G) = E||u||^2 - ||E u||^2
         out.append(float((cnt * var).sum() / n))  # E_I[V(G(I))] = sum_G |G|/n V(G)
     return out
 
@@ -256,7 +273,12 @@ def _cached_or_fitted_codes(folder, code_meta, emb, n_items, settings, collision
             return codes, sizes, soft, dict(meta["report"]), True
         getLogger().warning(f"cache {file} holds malformed codes; rebuilding it")
 
-    codes, sizes, soft, raw, tok = fit_codes(emb[1:], settings, collision, device=device,
+    soft_bytes = 4 * (n_items - 1) * int(settings["num_layers"]) * int(settings["codebook_size"])
+    keep_soft = soft_bytes <= SOFT_PROBS_MAX_BYTES
+    if not keep_soft:
+        getLogger().info(f"semantic IDs: soft assignment probabilities not kept ({soft_bytes / 2**30:.1f} GiB for "
+                         f"{n_items - 1} items; the limit is {SOFT_PROBS_MAX_BYTES / 2**30:.0f} GiB)")
+    codes, sizes, soft, raw, tok = fit_codes(emb[1:], settings, collision, device=device, keep_soft=keep_soft,
                                              cf_embeddings=cf[1:] if cf is not None else None)
     report = quality_report(emb[1:], raw, codes, sizes)
     report.update(tokenizer=tok.config(), collision=collision, tokenizer_stats=tok.stats,

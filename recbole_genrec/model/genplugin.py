@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from recbole_genrec import distributed
 from recbole_genrec.model.letter import LETTER
 from recbole_genrec.model.seq2seq import set_dropout_sites, t5_config
 from recbole_genrec.model.tiger import TIGER
@@ -212,6 +213,8 @@ class GenPluginTrainer(Trainer):
                 self.model.genplugin_report["stages"] = self.stage_results
                 return result
             if saved:
+                if self.distributed:
+                    distributed.barrier()  # rank 0 has written the stage-1 checkpoint
                 self.load_model_weights(self.saved_model_file)
             self.enter_rar_stage(train_data, saved)
         start = time.perf_counter()
@@ -228,8 +231,9 @@ class GenPluginTrainer(Trainer):
     def enter_rar_stage(self, train_data=None, saved=True, build=True):
         """Build retrieval and cached user states (unless resuming), freeze, fresh optimizer and early stopping."""
         gp = self.model.gp
-        if build:
-            self.model.build_retrieval(train_data._dataset if train_data is not None else None)
+        if build:  # several processes: rank 0 trains and caches the retrieval SASRec, the others read the cache
+            with distributed.rank_zero_first():
+                self.model.build_retrieval(train_data._dataset if train_data is not None else None)
         self.model.freeze_for_rar()
         self.stage = "rar"
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -174,9 +174,15 @@ class LearnableTokenizerMixin:
                                                self.layout.codebook_sizes)
         self._trie_by_device = {}
 
-    def refresh_item_ids(self):
-        """Re-derive every item's ID from the current tokenizer; returns how many items changed ID."""
-        codes = self._tokenize_items(self.rqvae, self.item_text_emb, self.collision_layer_size)
+    def compute_item_ids(self):
+        """Every item's ID from the current tokenizer: a long tensor shaped like ``item_codes``."""
+        return self._tokenize_items(self.rqvae, self.item_text_emb, self.collision_layer_size)
+
+    def refresh_item_ids(self, codes=None):
+        """Re-derive every item's ID from the current tokenizer (or install ``codes``, the result of
+        :meth:`compute_item_ids` on another rank); returns how many items changed ID."""
+        if codes is None:
+            codes = self.compute_item_ids()
         changed = int((codes.to(self.item_codes.device) != self.item_codes).any(1).sum())
         self._install_codes(codes)
         self.refresh_log.append({"epoch": self.epoch, "items_changed": changed})

@@ -26,6 +26,7 @@ from recbole.utils import InputType, set_color
 from torch import nn
 from tqdm import tqdm
 
+from recbole_genrec import distributed
 from recbole_genrec.trainer import Trainer
 from recbole_genrec.utils import GenRecError
 
@@ -241,15 +242,22 @@ class SimGRTrainer(Trainer):
         progress = tqdm(total=len(batches), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink")) \
             if show_progress else None
         total_loss = 0.0
+        self._sync_gradients(self.optimizer)
+        # several processes: each rank takes rows r, r + W, ... of every micro-batch; the weights below times
+        # the ranks' gradient mean give the single-process gradient of the same global micro-batches
+        rank, world = distributed.rank(), distributed.world_size() if self.distributed else 1
         self.optimizer.zero_grad()
         for group_start in range(0, len(batches), self.accumulation_steps):
             group = batches[group_start:group_start + self.accumulation_steps]
             group_size = sum(len(b) for b in group)
             for rows in group:
+                rows = rows[rank::world] if world > 1 else rows
+                if len(rows) == 0:
+                    continue
                 interaction = dataset.inter_feat[rows].to(self.device)
                 loss = loss_func(interaction)
                 self._check_nan(loss)
-                (loss * (len(rows) / group_size)).backward()
+                (loss * (world * len(rows) / group_size)).backward()
                 total_loss += loss.item() * len(rows) / group_size
                 if progress is not None:
                     progress.update(1)

@@ -8,6 +8,7 @@ temperature).
 import torch
 
 _CHUNK_ELEMS = 2**24  # distance matrix chunk: 16M floats (64 MB)
+_ROWS = 1 << 16  # rows gathered at a time by kmeans(rows=...)
 
 
 def sq_distances(x, c):
@@ -15,33 +16,49 @@ def sq_distances(x, c):
     return ((x * x).sum(1, keepdim=True) - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]).clamp_min_(0.0)
 
 
-def nearest(x, c, chunk=None):
-    """``(argmin_k, min_k)`` of ``||x_i - c_k||^2`` in row chunks, so ``[n, K]`` is never held at once."""
+def nearest(x, c, chunk=None, x_sq=None, rows=None):
+    """``(argmin_k, min_k)`` of ``||x_i - c_k||^2`` in row chunks, so ``[n, K]`` is never held at once.
+
+    ``x_sq`` (optional ``[n]``, ``(x * x).sum(1)``) saves recomputing the row norms when ``x`` is reused
+    (k-means' iterations). ``rows`` (optional LongTensor): use ``x[rows]`` (gathered a chunk at a time, no copy of
+    the whole subset; ``x_sq`` then has one entry per row of ``rows``). The chunk's distances are combined in place in the order of :func:`sq_distances`
+    (``(||x||^2 - 2 x.c) + ||c||^2``), so the result does not depend on ``x_sq`` being given, and on ``chunk`` only
+    through the matmul's rounding (its blocking follows the row count)."""
     chunk = chunk or max(1, _CHUNK_ELEMS // max(1, c.shape[0]))
-    idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    n = x.shape[0] if rows is None else rows.shape[0]
+    idx = torch.empty(n, dtype=torch.long, device=x.device)
+    dist = torch.empty(n, dtype=x.dtype, device=x.device)
     c_sq = (c * c).sum(1)
-    for s in range(0, x.shape[0], chunk):
-        xb = x[s:s + chunk]
-        d = (xb * xb).sum(1, keepdim=True) - 2.0 * (xb @ c.T) + c_sq[None, :]
+    ct = c.T
+    for s in range(0, n, chunk):
+        xb = x[s:s + chunk] if rows is None else x[rows[s:s + chunk]]
+        xb_sq = (xb * xb).sum(1, keepdim=True) if x_sq is None else x_sq[s:s + chunk, None]
+        d = (xb @ ct).mul_(-2.0).add_(xb_sq).add_(c_sq[None, :])  # bitwise the same as xb_sq - 2 xc + c_sq
+        # not torch.min(out=...): under bf16 autocast d is bf16 and the out buffers are the input's dtype
         dist[s:s + chunk], idx[s:s + chunk] = d.min(1)
     return idx, dist.clamp_min_(0.0)
 
 
 def soft_assign(x, c, temperature, chunk=None):
-    """``softmax(-||x - c_k||^2 / T)`` over the codebook, ``[n, K]``."""
+    """``softmax(-||x - c_k||^2 / T)`` over the codebook, ``[n, K]`` (filled chunk by chunk, no second copy)."""
     chunk = chunk or max(1, _CHUNK_ELEMS // max(1, c.shape[0]))
     t = max(float(temperature), 1e-12)
-    return torch.cat([torch.softmax(-sq_distances(x[s:s + chunk], c) / t, dim=1)
-                      for s in range(0, x.shape[0], chunk)]) if x.shape[0] else x.new_zeros(0, c.shape[0])
+    out = x.new_empty(x.shape[0], c.shape[0])
+    for s in range(0, x.shape[0], chunk):
+        out[s:s + chunk] = torch.softmax(-sq_distances(x[s:s + chunk], c) / t, dim=1)
+    return out
 
 
-def kmeans_pp_init(x, k, generator, max_sample=20000):
-    """k-means++ seeding (Arthur & Vassilvitskii 2007) on a random subsample of at most ``max_sample`` rows."""
-    n = x.shape[0]
+def kmeans_pp_init(x, k, generator, max_sample=20000, rows=None):
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) on a random subsample of at most ``max_sample`` rows
+    (of ``x[rows]`` when ``rows`` is given)."""
+    n = x.shape[0] if rows is None else rows.shape[0]
     if n > max_sample:
-        x = x[torch.randperm(n, generator=generator, device="cpu")[:max_sample].to(x.device)]
+        pick = torch.randperm(n, generator=generator, device="cpu")[:max_sample].to(x.device)
+        x = x[pick if rows is None else rows[pick]]
         n = max_sample
+    elif rows is not None:
+        x = x[rows]
     centers = x.new_empty(k, x.shape[1])
     x_sq = (x * x).sum(1)
     dist_to = lambda c: (x_sq - 2.0 * (x @ c) + (c * c).sum()).clamp_min_(0.0)  # noqa: E731
@@ -61,33 +78,47 @@ def kmeans_pp_init(x, k, generator, max_sample=20000):
     return centers
 
 
-def kmeans(x, k, iters=30, generator=None, tol=1e-6):
+def kmeans(x, k, iters=30, generator=None, tol=1e-6, rows=None):
     """Lloyd's k-means in torch with k-means++ seeding and empty-cluster re-seeding.
 
     Returns ``(centroids [k, d], assignment [n], sq_distance [n])``. Empty clusters are re-seeded at the
     points farthest from their centroid, so every code stays in use when ``n >= k``. Deterministic given
     ``generator`` (a seeded CPU ``torch.Generator``).
+
+    ``rows`` (optional LongTensor): cluster ``x[rows]`` without copying that subset (it is gathered a chunk at a
+    time); the result is the same as ``kmeans(x[rows], ...)``, and ``assignment``/``sq_distance`` follow ``rows``.
     """
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    n, d = x.shape
-    centers = kmeans_pp_init(x, k, generator)
+    d = x.shape[1]
+    n = x.shape[0] if rows is None else rows.shape[0]
+    centers = kmeans_pp_init(x, k, generator, rows=rows)
+    step = _ROWS
+    if rows is None:
+        x_sq = (x * x).sum(1)
+    else:
+        x_sq = torch.cat([(xb * xb).sum(1) for xb in (x[rows[s:s + step]] for s in range(0, n, step))])
     prev = None
     for _ in range(max(1, iters)):
-        assign, dist = nearest(x, centers)
+        assign, dist = nearest(x, centers, x_sq=x_sq, rows=rows)
         counts = torch.bincount(assign, minlength=k)
-        sums = x.new_zeros(k, d).index_add_(0, assign, x)
+        if rows is None:
+            sums = x.new_zeros(k, d).index_add_(0, assign, x)
+        else:  # in row order, a chunk at a time
+            sums = x.new_zeros(k, d)
+            for s in range(0, n, step):
+                sums.index_add_(0, assign[s:s + step], x[rows[s:s + step]])
         nonempty = counts > 0
         centers[nonempty] = sums[nonempty] / counts[nonempty, None].to(x.dtype)
         empty = (~nonempty).nonzero().flatten()
         if len(empty) and n >= k:
             far = torch.topk(dist, min(len(empty), n)).indices
-            centers[empty[:len(far)]] = x[far]
+            centers[empty[:len(far)]] = x[far] if rows is None else x[rows[far]]
         inertia = float(dist.sum())
         if prev is not None and len(empty) == 0 and abs(prev - inertia) <= tol * max(prev, 1e-12):
             break
         prev = inertia
-    assign, dist = nearest(x, centers)
+    assign, dist = nearest(x, centers, x_sq=x_sq, rows=rows)
     return centers, assign, dist
 
 

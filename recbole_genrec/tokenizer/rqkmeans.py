@@ -9,6 +9,8 @@ from recbole_genrec.tokenizer.base import Tokenizer, kmeans, nearest, soft_assig
 from recbole_genrec.tokenizer.collision import row_keys
 from recbole_genrec.utils import progress
 
+_ROWS = 1 << 16  # rows per chunk of the residual update
+
 
 class RQKMeansTokenizer(Tokenizer):
     """Layer ``l > 1`` fits its codebook on the residuals of items whose prefix is still shared with another
@@ -26,14 +28,18 @@ class RQKMeansTokenizer(Tokenizer):
     def fit(self, embeddings, cf_embeddings=None):
         start = time.perf_counter()
         residual = embeddings.to(self.device, torch.float32).clone()
+        n = residual.shape[0]
         codes, soft, mse, self.codebooks = [], [], [], []
         for layer in progress(range(self.num_layers), desc=f"{self.name} k-means", unit="layer"):
-            if layer == self.num_layers - 1:
-                self._last_inputs = residual.clone()
+            last = layer == self.num_layers - 1
+            if last:  # the last residual is not updated below, so it is kept without a copy
+                self._last_inputs = residual
             fit_rows = self._ambiguous_rows(codes) if layer else None
             if fit_rows is not None and len(fit_rows) >= self.codebook_size:
-                sample = residual[fit_rows.to(residual.device)]
-                centers, _, _ = kmeans(sample, self.codebook_size, self.kmeans_iters, self.generator(layer))
+                # the ambiguous rows are clustered in place (kmeans(rows=...)), not copied: 1.5 GB at 1M x 384
+                rows = None if len(fit_rows) == n else fit_rows.to(residual.device)
+                centers, _, _ = kmeans(residual, self.codebook_size, self.kmeans_iters, self.generator(layer),
+                                       rows=rows)
                 assign, dist = nearest(residual, centers)
             else:
                 centers, assign, dist = kmeans(residual, self.codebook_size, self.kmeans_iters,
@@ -41,7 +47,9 @@ class RQKMeansTokenizer(Tokenizer):
             temperature = float(dist.mean())
             if self.keep_soft:
                 soft.append(soft_assign(residual, centers, temperature).cpu())
-            residual -= centers[assign]
+            if not last:  # in row chunks: no [n, d] gather of the assigned centres
+                for s in range(0, n, _ROWS):
+                    residual[s:s + _ROWS] -= centers[assign[s:s + _ROWS]]
             codes.append(assign.cpu())
             mse.append(temperature)
             self.codebooks.append(centers)

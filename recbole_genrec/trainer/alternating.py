@@ -21,6 +21,7 @@ Validation runs only after recommender epochs unless ``validate_tokenizer_epochs
 after a tokenizer epoch the recommender has not yet seen the new IDs). Checkpoints add every phase's
 optimizer state and the phase; the model's own state dict carries the tokenizer weights and the codes.
 """
+from recbole_genrec import distributed
 from recbole_genrec.trainer.trainer import Trainer
 from recbole_genrec.utils import GenRecError, int_setting, timed_phase
 
@@ -106,9 +107,12 @@ class AlternatingTrainer(Trainer):
         if phase != self.phase:
             self.logger.info(f"epoch {epoch_idx}: switching to the {phase} phase"
                              + (f" (was {self.phase})" if self.phase else ""))
+        switched = phase != self.phase
         self.phase = phase
         self.optimizer = self.phase_optimizers[phase]
         self.model.set_phase(phase, epoch_idx)
+        if switched and self.distributed:  # set_phase may re-cluster codebooks (LETTER): one state for all ranks
+            distributed.broadcast_module(self.model)
         return phase
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
@@ -117,7 +121,11 @@ class AlternatingTrainer(Trainer):
         changed = None
         if phase == "tokenizer":
             with timed_phase("id_refresh"):
-                changed = int(self.model.refresh_item_ids())
+                if self.distributed:  # computed once on rank 0, broadcast to the others
+                    codes = distributed.broadcast_tensor(self.model.compute_item_ids, like=self.model.item_codes)
+                    changed = int(self.model.refresh_item_ids(codes))
+                else:
+                    changed = int(self.model.refresh_item_ids())
             self.logger.info(f"epoch {epoch_idx}: item IDs refreshed from the tokenizer, "
                              f"{changed} items changed their ID")
         self.phase_history.append((epoch_idx, phase, changed))

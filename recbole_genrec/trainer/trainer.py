@@ -8,6 +8,10 @@ rename, carry a per-run unique name, and are read back with ``weights_only=True`
 Every trainer here also carries the plugin's learning-rate schedule and mixed precision
 (:mod:`recbole_genrec.trainer.schedule`): ``lr_scheduler`` / ``warmup_*`` stepped per optimizer step and
 saved in checkpoints (a resumed run continues the schedule), ``precision`` as autocast around the loss.
+
+Several processes (``--nproc``, torchrun; :mod:`recbole_genrec.distributed`): rank 0's initial weights are
+broadcast, gradients are averaged over the ranks before every optimizer step (then clipped), the evaluation
+gathers every user's top-K before computing metrics, and only rank 0 writes checkpoints.
 """
 import os
 import random
@@ -20,6 +24,7 @@ from recbole.evaluator import Collector
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import get_local_time, set_color
 
+from recbole_genrec import distributed
 from recbole_genrec.trainer.schedule import LRSchedule, autocast, resolve_precision
 from recbole_genrec.utils import GenRecError, atomic_torch_save, seconds_setting, to_jsonable
 
@@ -46,6 +51,23 @@ class TieBreakingCollector(Collector):
     (:func:`recbole_genrec.evaluator.scores.tie_broken_topk`) instead of by internal item id (file order)."""
 
     tie_order = None
+    gather_ranks = False  # several processes: gather every rank's rows before the metrics (exact, no padding)
+
+    # keys holding one row per evaluated user (RecBole's Collector resets these after each evaluation)
+    ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label")
+
+    def get_data_struct(self):
+        struct = super().get_data_struct()
+        if not self.gather_ranks:
+            return struct
+        for key in self.ROW_KEYS:
+            if key not in struct:
+                continue
+            blocks = distributed.gather_objects(struct[key])
+            world, total = len(blocks), sum(int(b.shape[0]) for b in blocks)
+            counts = [len(range(r, total, world)) for r in range(world)]  # as unpad_eval_sampler deals them
+            struct[key] = distributed.gather_rows(blocks, counts)
+        return struct
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
         register = self.register
@@ -109,8 +131,24 @@ class SafeCheckpointMixin:
     """
 
     def __init__(self, config, model):
-        super().__init__(config, model)
+        self.distributed = not config["single_spec"]
+        if self.distributed:
+            # RecBole would wrap the model in a CUDA-only DistributedDataParallel here, whose reducer fixes the
+            # trained parameters; gradients are averaged at the optimizer step instead (_sync_gradients).
+            config["single_spec"] = True
+        try:
+            super().__init__(config, model)
+        finally:
+            if self.distributed:
+                config["single_spec"] = False
+        self._synced_optimizers = set()
+        self._clip_after_average = None
+        if self.distributed:
+            distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights, as with DDP
+            self._clip_after_average, self.clip_grad_norm = self.clip_grad_norm, None
         unique = f"{get_local_time()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if self.distributed:  # one run name: every rank loads the checkpoint rank 0 writes
+            unique = distributed.broadcast_object(unique)
         safe_model_name = str(config["model"]).replace("/", "_")
         self.saved_model_file = os.path.join(self.checkpoint_dir, f"{safe_model_name}-{unique}.pth")
         self.timings = {"train_epoch_seconds": [], "valid_epoch_seconds": [], "stopped_by_time_budget": False}
@@ -126,6 +164,7 @@ class SafeCheckpointMixin:
         self._lr_hook = None
         if hasattr(self, "eval_collector"):  # ties broken by the seeded raw-token order (evaluator/scores.py)
             self.eval_collector = TieBreakingCollector(config)
+            self.eval_collector.gather_ranks = self.distributed
         self._tie_dataset = None
         # --resume: written after every validation (the best checkpoint holds only the best epoch's state)
         self.resume_file = os.path.splitext(self.saved_model_file)[0] + "-resume.pth"
@@ -172,6 +211,32 @@ class SafeCheckpointMixin:
                 return loss_func(interaction)
         return run
 
+    # ---- several processes ---------------------------------------------------------------------------
+    def _sync_gradients(self, optimizer):
+        """In a multi-process run, average ``optimizer``'s gradients over the ranks before each of its steps
+        (then clip them, if ``clip_grad_norm`` is set): what DDP computes, for any set of trained parameters.
+        Idempotent; a no-op in a single process."""
+        if not self.distributed or id(optimizer) in self._synced_optimizers:
+            return
+        self._synced_optimizers.add(id(optimizer))
+        model, clip = self.model, self._clip_after_average
+
+        def average(opt, args, kwargs):
+            distributed.average_gradients([p for group in opt.param_groups for p in group["params"]])
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), **clip)
+        optimizer.register_step_pre_hook(average)
+
+    def set_reduce_hook(self):
+        """RecBole's per-step DDP hook: not used (gradients are averaged at the optimizer step)."""
+
+    def sync_grad_loss(self):
+        return 0
+
+    def _map_reduce(self, result, num_sample):
+        """The metrics are already global: the collector gathered every rank's rows before computing them."""
+        return result
+
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._fit_start = time.perf_counter()
         self._train_data = train_data
@@ -195,10 +260,14 @@ class SafeCheckpointMixin:
             return self.best_valid_score, self.best_valid_result
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
-        if (self.train_time_budget and self._fit_start is not None and self.timings["train_epoch_seconds"]
-                and time.perf_counter() - self._fit_start >= self.train_time_budget):
+        spent = (self.train_time_budget and self._fit_start is not None and self.timings["train_epoch_seconds"]
+                 and time.perf_counter() - self._fit_start >= self.train_time_budget)
+        if self.train_time_budget and self.distributed:  # rank 0's clock decides, or the ranks would part ways
+            spent = distributed.broadcast_object(bool(spent))
+        if spent:
             raise _TimeBudgetReached()
         start = time.perf_counter()
+        self._sync_gradients(self.optimizer)
         loss_func = self._autocast_loss(loss_func or self.model.calculate_loss)
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
         self.timings["train_epoch_seconds"].append(time.perf_counter() - start)
@@ -289,6 +358,8 @@ class SafeCheckpointMixin:
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if eval_data and load_best_model:
+            if self.distributed:
+                distributed.barrier()  # rank 0 has written the checkpoint every rank now reads
             self.load_model_weights(model_file or self.saved_model_file)
         if eval_data and isinstance(self.eval_collector, TieBreakingCollector):
             self._set_tie_order(eval_data._dataset)
