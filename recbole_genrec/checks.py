@@ -33,6 +33,7 @@ SETTING_RULES = [
     ("eval_batch_size", _INT, 1, True, None, None),
     ("epochs", _INT, 1, True, None, None),
     ("stopping_step", _INT, 1, True, None, None),
+    ("ddp_timeout", _NUM, 0, False, None, None),
     ("eval_step", _INT, 0, True, None, None),
     ("seed", _INT, 0, True, None, None),
     ("worker", _INT, 0, True, None, None),

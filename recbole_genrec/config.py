@@ -176,18 +176,18 @@ class Config(RecBoleConfig):
     def _distributed_launch(self):
         """How this process joins a multi-process run, or ``None`` for a single process: spawned by ``--nproc``
         / started per machine (``local_rank`` set by :mod:`recbole_genrec.quick_start`), or by torchrun (its
-        environment). A run started inside a process that already joined a group (an auxiliary SASRec on
-        rank 0) is single-process."""
+        environment). An auxiliary run (the SASRec rank 0 trains for LETTER's CF embeddings or GenPlugin's
+        retrieval, inside :func:`recbole_genrec.distributed.auxiliary_run`) is single-process."""
         from recbole_genrec import distributed
 
         final = self.final_config_dict
+        if distributed.in_auxiliary_run():
+            return None
         if "local_rank" in self.external_config_dict and int(final.get("world_size") or 1) > 1:
             return {"local_rank": int(final["local_rank"]), "offset": int(final.get("offset") or 0),
                     "world_size": int(final["world_size"]), "nproc": int(final.get("nproc") or 1),
                     "ip": str(final.get("ip") or "localhost"), "port": str(final.get("port") or "5678"),
                     "from_env": False}
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return None
         env = distributed.torchrun_env()
         if env is None:
             return None
@@ -244,7 +244,7 @@ class Config(RecBoleConfig):
             raise GenRecError(f"rank {global_rank} (local_rank {launch['local_rank']} + offset "
                               f"{launch['offset']}) is outside world_size {launch['world_size']}: check --offset")
         distributed.init_process_group(backend, global_rank, launch["world_size"], launch["ip"], launch["port"],
-                                       from_env=launch["from_env"])
+                                       from_env=launch["from_env"], timeout_seconds=final.get("ddp_timeout"))
         final.update({"local_rank": launch["local_rank"], "offset": launch["offset"],
                       "world_size": launch["world_size"], "nproc": launch["nproc"], "ip": launch["ip"],
                       "port": launch["port"], "ddp_backend": backend, "device": device, "single_spec": False})

@@ -92,12 +92,35 @@ def free_port():
         return str(sock.getsockname()[1])
 
 
-def init_process_group(backend, global_rank, world, ip, port, from_env=False):
-    """Join the process group (once per process; a second call reuses it)."""
+def init_process_group(backend, global_rank, world, ip, port, from_env=False, timeout_seconds=None):
+    """Join the process group (once per process; a second call reuses it). ``timeout_seconds`` bounds every
+    collective, barriers included: the other ranks wait at one while rank 0 builds caches (``ddp_timeout``)."""
     if dist.is_initialized():
         return
+    import datetime
+
     init_method = "env://" if from_env else f"tcp://{ip}:{port}"
-    dist.init_process_group(backend=backend, rank=global_rank, world_size=world, init_method=init_method)
+    timeout = datetime.timedelta(seconds=float(timeout_seconds)) if timeout_seconds else None
+    dist.init_process_group(backend=backend, rank=global_rank, world_size=world, init_method=init_method,
+                            **({"timeout": timeout} if timeout is not None else {}))
+
+
+_AUXILIARY = [0]
+
+
+@contextmanager
+def auxiliary_run():
+    """Runs started inside (the SASRec that LETTER's CF embeddings and GenPlugin's retrieval train on rank 0)
+    are single-process even inside a multi-process run or under torchrun."""
+    _AUXILIARY[0] += 1
+    try:
+        yield
+    finally:
+        _AUXILIARY[0] -= 1
+
+
+def in_auxiliary_run():
+    return _AUXILIARY[0] > 0
 
 
 @contextmanager
@@ -144,12 +167,12 @@ def broadcast_tensor(compute, like, src=0):
     if not is_active():
         return compute()
     if rank() == src:
-        value = compute()
+        value = compute().to(device=like.device, dtype=like.dtype)
         if value.shape != like.shape:
             raise GenRecError(f"broadcast value has shape {tuple(value.shape)}, expected {tuple(like.shape)}")
     else:
         value = torch.empty_like(like)
-    buf = value.to(_comm_device(value))
+    buf = value.to(_comm_device(like))  # gloo: CPU tensors; nccl: CUDA ones (every rank the same device type)
     dist.broadcast(buf, src)
     return buf.to(like.device)
 
@@ -174,7 +197,9 @@ def gather_objects(obj):
 
 def average_gradients(parameters):
     """All-reduce (mean over ranks) the gradients of ``parameters`` (those with ``requires_grad``), as one flat
-    buffer. A parameter without a gradient on this rank counts as zeros, so every rank sends the same layout.
+    buffer, with one flag per parameter saying whether any rank computed a gradient for it. A parameter no rank
+    touched keeps ``grad = None`` (so the optimizer skips it, as in one process: no weight decay, no momentum);
+    one that only some ranks touched counts as zeros on the others (as DDP's ``find_unused_parameters``).
     Called before each optimizer step (:class:`recbole_genrec.trainer.SafeCheckpointMixin`)."""
     if not is_active():
         return
@@ -182,19 +207,24 @@ def average_gradients(parameters):
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    has = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [has])
     comm = flat.to(_comm_device(flat))
     dist.all_reduce(comm, op=dist.ReduceOp.SUM)
-    comm /= world_size()
+    flags = comm[-len(params):].to(flat.device)
+    comm = comm[:-len(params)] / world_size()
     flat = comm.to(flat.device)
     offset = 0
-    for p, g in zip(params, grads):
+    for index, (p, g) in enumerate(zip(params, grads)):
         n = g.numel()
-        values = flat[offset:offset + n].view_as(g).to(g.dtype)
-        if p.grad is None:
-            p.grad = values.clone()
+        if flags[index] == 0:
+            p.grad = None
         else:
-            p.grad.copy_(values)
+            values = flat[offset:offset + n].view_as(g).to(g.dtype)
+            if p.grad is None:
+                p.grad = values.clone()
+            else:
+                p.grad.copy_(values)
         offset += n
 
 

@@ -82,7 +82,13 @@ def shard_loaders(config, train_data, valid_data, test_data):
     if config["single_spec"]:
         return
     distributed.unpad_eval_sampler(train_data, seed=config["seed"])
-    for loader in (valid_data, test_data):
+    world = distributed.world_size()
+    for name, loader in (("valid", valid_data), ("test", test_data)):
+        sampler = getattr(loader, "sampler", None)
+        rows = len(sampler.dataset) if isinstance(sampler, torch.utils.data.distributed.DistributedSampler) else world
+        if rows < world:  # a rank without rows would skip the evaluation's collectives
+            raise GenRecError(f"the {name} split has {rows} rows for {world} processes: use at most {rows} "
+                              "processes (--nproc / --world_size)")
         distributed.unpad_eval_sampler(loader)
 
 
@@ -244,9 +250,9 @@ def launch_settings(args):
                           "offset is the number of processes on the machines before it")
     several_machines = world > nproc
     port = raw.get("port")
+    if several_machines and (port is None or "ip" not in raw):
+        raise GenRecError("several machines need the same --ip=<rank 0's address> and --port on each")
     if port is None:
-        if several_machines:
-            raise GenRecError("several machines need the same --port on each (and --ip=<rank 0's address>)")
         port = distributed.free_port()
     try:
         if not 0 < int(port) < 65536:
@@ -280,14 +286,16 @@ def run_distributed(launch, model, dataset, config_files, cmd_args, result_file)
     this process first, so bad input ends before any process starts."""
     import torch.multiprocessing as mp
 
-    load_config(model, dataset, config_files, cmd_args=cmd_args)  # one-line errors here, exit 2
+    check_dataset_files(load_config(model, dataset, config_files, cmd_args=cmd_args))  # one-line errors, exit 2
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
+    failure = None
     try:
         mp.spawn(_rank_main, args=(launch, model, dataset, config_files, cmd_args, result_file, queue),
                  nprocs=launch["nproc"], join=True)
-    except mp.ProcessExitedException:
-        pass  # the queue says why (a one-line error) or the worker's traceback is already on stderr
+    except mp.ProcessExitedException as err:  # exit code 2 after a one-line error (queued), or killed (OOM, ...)
+        failure = (f"rank {launch['offset'] + err.error_index} ended with exit code {err.exit_code}"
+                   + (f" (signal {err.signal_name})" if getattr(err, "signal_name", None) else ""))
     except Exception as err:  # a worker raised: its traceback is on stderr
         raise RuntimeError(f"a process of the {launch['nproc']}-process run failed: {err}") from None
     result = None
@@ -296,6 +304,10 @@ def run_distributed(launch, model, dataset, config_files, cmd_args, result_file)
         if kind == "error":
             raise GenRecError(f"rank {launch['offset'] + rank}: {payload}")
         result = payload
+    if failure is not None:
+        raise RuntimeError(f"the {launch['nproc']}-process run failed: {failure}")
+    if result is None and launch["offset"] == 0:
+        raise RuntimeError("the multi-process run ended without rank 0's result")
     return result
 
 
@@ -324,11 +336,15 @@ def main(argv=None):
                               "python run_recbole_genrec.py (recbole_genrec.compare.main)")
         launch = launch_settings(args)
         if launch is not None:
-            result = run_distributed(launch, model, dataset, config_files,
-                                     [f"--{k}={v}" for k, v in args.items()], result_file)
+            try:
+                result = run_distributed(launch, model, dataset, config_files,
+                                         [f"--{k}={v}" for k, v in args.items()], result_file)
+            except RuntimeError as err:  # a rank crashed or was killed: its traceback is on stderr above
+                print(f"error: {err}", file=sys.stderr)
+                return 1
             if result is None:
-                print(f"ranks {launch['offset']}..{launch['offset'] + launch['nproc'] - 1} done (rank 0 writes "
-                      "the result on its machine)")
+                print(f"ranks {launch['offset']}..{launch['offset'] + launch['nproc'] - 1} done (the machine of "
+                      "rank 0 writes the result)")
             else:
                 print(f"test result: {result['test_result']}")
                 print(f"result file: {result['result_file']}")

@@ -36,6 +36,17 @@ def first_step_state(model_name, config_dict):
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, len(batch)
 
 
+def averaged_toy_gradients(rank):
+    from recbole_genrec.distributed import average_gradients
+
+    params = {name: torch.nn.Parameter(torch.zeros(2)) for name in ("untouched", "rank0_only", "both")}
+    if rank == 0:
+        params["rank0_only"].grad = torch.full((2,), 2.0)
+    params["both"].grad = torch.full((2,), 1.0 + 2.0 * rank)
+    average_gradients(list(params.values()))
+    return {name: (p.grad.tolist() if p.grad is not None else None) for name, p in params.items()}
+
+
 def rank_main(local_rank, launch, jobs, step_job, out_dir):
     from recbole_genrec.quick_start import run_recbole_genrec
 
@@ -47,6 +58,7 @@ def rank_main(local_rank, launch, jobs, step_job, out_dir):
                                     result_file=os.path.join(out_dir, f"{name}.json"))
         records[name] = {"test_result": {k: float(v) for k, v in record["test_result"].items()},
                          "checkpoint": record["checkpoint"], "result_file": record["result_file"]}
+    records["_grads"] = averaged_toy_gradients(local_rank)
     if step_job is not None:
         state, rows = first_step_state(step_job[0], {**step_job[1], "local_rank": local_rank, **launch})
         if local_rank == 0:

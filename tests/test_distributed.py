@@ -31,7 +31,8 @@ def tiny_bert(path):
 def jobs(data_path, bert_dir):
     base = dict(dataset="tiny", **METRICS)
     return [
-        ("TIGER", "TIGER", tiny_config_dict(data_path, epochs=2, **TINY_T5, **SIDS, **base)),
+        ("TIGER", "TIGER", tiny_config_dict(data_path, epochs=2, **TINY_T5, **SIDS, **{
+            **base, "metrics": ["Hit", "NDCG", "HeadHit", "TailNDCG", "Coverage", "Entropy", "PrefixMatch"]})),
         ("ETEGRec", "ETEGRec", tiny_config_dict(data_path, epochs=2, **TINY_T5, **base, **{
             "use_user_token": True, "num_codebooks": 2, "codebook_size": 6, "rqvae_latent_dim": 4,
             "rqvae_hidden_dims": [16], "rqvae_epochs": 2, "rqvae_batch_size": 16, "kmeans_iters": 5,
@@ -59,6 +60,7 @@ def single_process_eval(checkpoint):
     assert config["single_spec"]
     _, train, _, test = prepare_data(config)
     _, trainer = build_model_and_trainer(config, train)
+    trainer.eval_collector.data_collect(train)  # item counts for head/tail metrics (RecBole's fit does this)
     return {k: float(v) for k, v in trainer.evaluate(test, model_file=checkpoint).items()}
 
 
@@ -133,7 +135,8 @@ def test_files_come_from_rank_zero_only(two_ranks):
     (["--nproc=0"], "--nproc must be an integer >= 1"),
     (["--nproc=two"], "--nproc must be an integer"),
     (["--nproc=3", "--world_size=2"], "more than --world_size"),
-    (["--nproc=2", "--world_size=4"], "same --port"),
+    (["--nproc=2", "--world_size=4"], "same --ip="),
+    (["--nproc=2", "--world_size=4", "--port=29400"], "same --ip="),
     (["--nproc=2", "--world_size=4", "--port=29400", "--offset=3"], "exceeds --world_size"),
     (["--nproc=2", "--port=99999"], "--port must be a TCP port"),
     (["--nproc=2", "--ddp_backend=nccl"], "ddp_backend=nccl needs CUDA"),
@@ -149,6 +152,16 @@ def test_bad_launch_settings_end_before_any_process_starts(tmp_path, capsys, mon
     code = main(model + ["--dataset=tiny", f"--data_path={data_path}", "--device=cpu", *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_gradient_averaging_keeps_untouched_parameters_without_gradient(two_ranks):
+    """No rank computed a gradient: it stays None (no weight decay or momentum on it, as in one process); only
+    rank 0 did: the mean with rank 1's zeros; both did: the mean."""
+    grads = two_ranks["ranks"][0]["_grads"]
+    assert grads == two_ranks["ranks"][1]["_grads"]
+    assert grads["untouched"] is None
+    assert grads["rank0_only"] == [1.0, 1.0]  # rank 0's 2.0, rank 1 none
+    assert grads["both"] == [2.0, 2.0]  # ranks 1.0 and 3.0
 
 
 def test_first_step_of_two_ranks_equals_one_process_on_the_global_batch(two_ranks):

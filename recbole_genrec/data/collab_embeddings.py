@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recbole_genrec import distributed
 from recbole_genrec.data.cache import load_tensors, save_tensors, sha256_bytes, stable_hash
 from recbole_genrec.utils import GenRecError, int_setting, seconds_setting, timed_phase
 
@@ -33,7 +34,9 @@ _CARRIED_KEYS = ("seed", "reproducibility", "state", "show_progress",
                  "item_inter_num_interval", "alias_of_item_id", "benchmark_filename", "eval_args",
                  "metrics", "topk", "valid_metric", "valid_metric_bigger", "eval_batch_size", "stopping_step")
 # Carried keys left out of the cache key: bookkeeping, and data_path (the .inter file's hash stands for the data).
-_UNKEYED = ("data_path", "state", "show_progress", "checkpoint_dir", "eval_batch_size")
+# not part of the cache key: where files go, logging, and the device (ranks of a multi-process run on GPUs 0 and 1
+# must find rank 0's SASRec)
+_UNKEYED = ("data_path", "state", "show_progress", "checkpoint_dir", "eval_batch_size", "device")
 
 
 @contextmanager
@@ -89,17 +92,18 @@ def train_sasrec(config, dataset, settings):
     caller's random states are left as they were."""
     from recbole_genrec.quick_start import build_model_and_trainer, load_config, prepare_data
 
-    sas_config = load_config("SASRec", config["dataset"], config_dict=_sasrec_config_dict(config, settings))
-    tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
-    with _isolated_rng():  # a cache miss must not shift the caller's random streams (model init after this)
-        sas_dataset, train, valid, _ = prepare_data(sas_config)
-        sas_tokens = [str(t) for t in sas_dataset.field2id_token[sas_dataset.iid_field]]
-        if sas_tokens != tokens:
-            raise GenRecError("the SASRec for the collaborative embeddings saw different items than the run: "
-                              "keep data settings (load_col, filters, data_path) in config files or --key=value")
-        model, trainer = build_model_and_trainer(sas_config, train)
-        with timed_phase("sasrec_fit"):
-            trainer.fit(train, valid, saved=False, show_progress=bool(sas_config["show_progress"]))
+    with distributed.auxiliary_run():  # single-process even on rank 0 of a multi-process run
+        sas_config = load_config("SASRec", config["dataset"], config_dict=_sasrec_config_dict(config, settings))
+        tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
+        with _isolated_rng():  # a cache miss must not shift the caller's random streams (model init after this)
+            sas_dataset, train, valid, _ = prepare_data(sas_config)
+            sas_tokens = [str(t) for t in sas_dataset.field2id_token[sas_dataset.iid_field]]
+            if sas_tokens != tokens:
+                raise GenRecError("the SASRec for the collaborative embeddings saw different items than the run: "
+                                  "keep data settings (load_col, filters, data_path) in config files or --key=value")
+            model, trainer = build_model_and_trainer(sas_config, train)
+            with timed_phase("sasrec_fit"):
+                trainer.fit(train, valid, saved=False, show_progress=bool(sas_config["show_progress"]))
     return model, trainer
 
 

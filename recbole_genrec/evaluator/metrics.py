@@ -61,6 +61,8 @@ DEFAULT_HEAD_FRACTION = 0.2
 
 # Keys RecBole (and we) collect per evaluation pass; everything else (data.*) is kept across passes.
 _PER_PASS_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", TARGETS_KEY)
+#: The same keys, public: one row per evaluated row (a multi-process evaluation gathers exactly these).
+PER_PASS_KEYS = _PER_PASS_KEYS
 
 
 # ---- helpers ------------------------------------------------------------------------------------

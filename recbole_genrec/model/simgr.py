@@ -245,7 +245,7 @@ class SimGRTrainer(Trainer):
         self._sync_gradients(self.optimizer)
         # several processes: each rank takes rows r, r + W, ... of every micro-batch; the weights below times
         # the ranks' gradient mean give the single-process gradient of the same global micro-batches
-        rank, world = distributed.rank(), distributed.world_size() if self.distributed else 1
+        rank, world = (distributed.rank(), distributed.world_size()) if self.distributed else (0, 1)
         self.optimizer.zero_grad()
         for group_start in range(0, len(batches), self.accumulation_steps):
             group = batches[group_start:group_start + self.accumulation_steps]
@@ -258,7 +258,7 @@ class SimGRTrainer(Trainer):
                 loss = loss_func(interaction)
                 self._check_nan(loss)
                 (loss * (world * len(rows) / group_size)).backward()
-                total_loss += loss.item() * len(rows) / group_size
+                total_loss += loss.item() * world * len(rows) / group_size  # this rank's estimate of the mean
                 if progress is not None:
                     progress.update(1)
             if self.clip_grad_norm:

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from recbole_genrec import distributed
 from recbole_genrec.model import token_weights as tw
 from recbole_genrec.model.seq2seq import token_cross_entropy
 from recbole_genrec.model.tiger import TIGER
@@ -56,8 +57,9 @@ class TokenWeightTrainer(Trainer):
         if hasattr(self.model, "record_objective_weights"):
             row = self.model.record_objective_weights(epoch_idx)
             self.logger.info(f"epoch {epoch_idx} token-loss weights: {json.dumps(row)}")
-            stem = os.path.splitext(self.saved_model_file)[0]
-            self.model.save_weight_history(stem + "-token_weights")
+            if distributed.is_main():  # several processes: rank 0 writes, as with checkpoints
+                stem = os.path.splitext(self.saved_model_file)[0]
+                self.model.save_weight_history(stem + "-token_weights")
         return loss
 
 

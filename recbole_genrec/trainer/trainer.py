@@ -25,6 +25,7 @@ from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import get_local_time, set_color
 
 from recbole_genrec import distributed
+from recbole_genrec.evaluator.metrics import PER_PASS_KEYS
 from recbole_genrec.trainer.schedule import LRSchedule, autocast, resolve_precision
 from recbole_genrec.utils import GenRecError, atomic_torch_save, seconds_setting, to_jsonable
 
@@ -53,20 +54,29 @@ class TieBreakingCollector(Collector):
     tie_order = None
     gather_ranks = False  # several processes: gather every rank's rows before the metrics (exact, no padding)
 
-    # keys holding one row per evaluated user (RecBole's Collector resets these after each evaluation)
-    ROW_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label")
+    # keys holding one row per evaluated row (RecBole's and the plugin's metrics; reset after each pass)
+    ROW_KEYS = PER_PASS_KEYS
+    # keys whose rows are interactions rather than users (value-type evaluation): concatenated in rank order
+    UNORDERED_KEYS = ("rec.score", "data.label")
 
     def get_data_struct(self):
         struct = super().get_data_struct()
         if not self.gather_ranks:
             return struct
-        for key in self.ROW_KEYS:
-            if key not in struct:
-                continue
-            blocks = distributed.gather_objects(struct[key])
-            world, total = len(blocks), sum(int(b.shape[0]) for b in blocks)
+        present = distributed.gather_objects(sorted(k for k in self.ROW_KEYS if k in struct))
+        for key in sorted(set().union(*present)):  # the same keys, in the same order, on every rank
+            blocks = distributed.gather_objects(struct[key] if key in struct else None)
+            blocks = [b for b in blocks if b is not None]
+            world, total = len(present), sum(int(b.shape[0]) for b in blocks)
             counts = [len(range(r, total, world)) for r in range(world)]  # as unpad_eval_sampler deals them
-            struct[key] = distributed.gather_rows(blocks, counts)
+            if len(blocks) != world or [int(b.shape[0]) for b in blocks] != counts:
+                if key not in self.UNORDERED_KEYS:
+                    raise GenRecError(f"the ranks evaluated {[int(b.shape[0]) for b in blocks]} rows of {key!r}, "
+                                      f"not {counts}: the evaluation shards are not the ones unpad_eval_sampler "
+                                      "deals (report this)")
+                struct[key] = torch.cat(blocks, dim=0)
+            else:
+                struct[key] = distributed.gather_rows(blocks, counts)
         return struct
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
@@ -143,6 +153,9 @@ class SafeCheckpointMixin:
                 config["single_spec"] = False
         self._synced_optimizers = set()
         self._clip_after_average = None
+        if self.distributed and getattr(self, "enable_scaler", False):
+            raise GenRecError("enable_scaler (fp16 loss scaling) cannot run on several processes: a rank that skips "
+                              "a step would leave the others waiting; use --precision=bf16 or one process")
         if self.distributed:
             distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights, as with DDP
             self._clip_after_average, self.clip_grad_norm = self.clip_grad_norm, None
@@ -283,10 +296,16 @@ class SafeCheckpointMixin:
         return valid_score, valid_result
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+        # several processes: every rank's RNG state goes into the file (a resumed run gives each rank its own
+        # dropout stream back), and global rank 0 alone writes it (one file system shared by the machines)
+        rng_ranks = distributed.gather_objects(rng_state()) if self.distributed else None
+        if self.distributed and not distributed.is_main():
             return
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        atomic_torch_save(self._checkpoint_state(epoch), saved_model_file)
+        state = self._checkpoint_state(epoch)
+        if rng_ranks is not None:
+            state["rng_ranks"] = rng_ranks
+        atomic_torch_save(state, saved_model_file)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
@@ -347,7 +366,10 @@ class SafeCheckpointMixin:
         checkpoint, self._pending_resume = self._pending_resume, None
         if checkpoint is None:
             return
-        if checkpoint.get("rng") is not None:
+        per_rank = checkpoint.get("rng_ranks")
+        if self.distributed and per_rank and len(per_rank) == distributed.world_size():
+            set_rng_state(per_rank[distributed.rank()])
+        elif checkpoint.get("rng") is not None:
             set_rng_state(checkpoint["rng"])
         if checkpoint.get("train_generator") is not None and getattr(train_data, "generator", None) is not None:
             train_data.generator.set_state(checkpoint["train_generator"].cpu())
