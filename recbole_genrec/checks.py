@@ -114,15 +114,10 @@ def check_settings(config):
     if not isinstance(metrics, (list, tuple, str)) or not metrics:
         raise GenRecError(f"metrics must be a non-empty list of metric names, got {metrics!r}: "
                           "e.g. --metrics=\"['Hit','NDCG']\"")
-    backend = _get(config, "ddp_backend")
-    if backend is not None:
-        from recbole_genrec.distributed import BACKENDS
+    if _get(config, "ddp_backend") is not None and _get(config, "device") is not None:
+        from recbole_genrec.distributed import resolve_backend
 
-        if str(backend).lower() not in BACKENDS:
-            raise GenRecError(f"ddp_backend must be one of {list(BACKENDS)}, got {backend!r}: change --ddp_backend")
-        device = _get(config, "device")
-        if str(backend).lower() == "nccl" and getattr(device, "type", str(device)) != "cuda":
-            raise GenRecError("ddp_backend=nccl needs CUDA GPUs: use --ddp_backend=gloo (or auto) on CPU")
+        resolve_backend(_get(config, "ddp_backend"), config["device"])  # a known backend, nccl only on CUDA
     beam = _get(config, "beam_size")
     if beam is not None and beam < max(topk):
         raise GenRecError(f"beam_size={beam} is smaller than max(topk)={max(topk)}: the beam must return at least "

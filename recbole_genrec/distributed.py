@@ -77,7 +77,7 @@ def resolve_backend(value, device):
     """``ddp_backend`` (``auto | gloo | nccl``) for ``device``: ``auto`` is nccl on CUDA and gloo elsewhere."""
     value = "auto" if value is None else str(value).lower()
     if value not in BACKENDS:
-        raise GenRecError(f"ddp_backend must be one of {list(BACKENDS)}, got {value!r}")
+        raise GenRecError(f"ddp_backend must be one of {list(BACKENDS)}, got {value!r}: change --ddp_backend")
     if value == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     if value == "nccl" and device.type != "cuda":
@@ -244,14 +244,11 @@ def unpad_eval_sampler(loader, seed=None):
     sampler.num_samples = len(range(sampler.rank, n, sampler.num_replicas))
 
 
-def gather_rows(per_rank, counts=None):
-    """Concatenate per-rank row blocks back into the single-process order. With ``counts`` (rows each rank
-    held, in rank order, dealt ``r, r + W, ...`` by :func:`unpad_eval_sampler`), rows are interleaved;
-    otherwise concatenated in rank order."""
-    if counts is None or [int(t.shape[0]) for t in per_rank] != list(counts):
-        return torch.cat(per_rank, dim=0)
+def gather_rows(per_rank):
+    """Per-rank row blocks (in rank order, dealt ``r, r + W, ...`` by :func:`unpad_eval_sampler`) interleaved
+    back into the single-process order."""
     world = len(per_rank)
-    total = sum(counts)
+    total = sum(int(t.shape[0]) for t in per_rank)
     out = per_rank[0].new_empty((total, *per_rank[0].shape[1:]))
     for r, block in enumerate(per_rank):
         out[r::world] = block

@@ -103,10 +103,11 @@ class _RankFilter(logging.Filter):
 
 
 def tag_log_with_rank(logger):
-    if distributed.is_active() and not any(isinstance(f, _RankFilter) for f in logger.filters):
+    """On the handlers, so records of child loggers (which skip the root logger's own filters) are tagged too."""
+    if distributed.is_active():
         for handler in logger.handlers:
-            handler.addFilter(_RankFilter())
-        logger.addFilter(_RankFilter())
+            if not any(isinstance(f, _RankFilter) for f in handler.filters):
+                handler.addFilter(_RankFilter())
 
 
 def peak_memory():

@@ -50,7 +50,7 @@ def test_rqkmeans_codes_unchanged_by_the_in_place_residuals(monkeypatch):
     import recbole_genrec.tokenizer.rqkmeans as rq
     from recbole_genrec.tokenizer import make_tokenizer
 
-    monkeypatch.setattr(rq, "_ROWS", 37)  # several residual-update chunks
+    monkeypatch.setattr(rq, "ROW_CHUNK", 37)  # several residual-update chunks
     g = torch.Generator().manual_seed(1)
     x = torch.randn(600, 12, generator=g) + 4 * torch.randn(6, 12, generator=g)[torch.randint(6, (600,), generator=g)]
     tok = make_tokenizer("rqkmeans", num_layers=3, codebook_size=8, seed=5, kmeans_iters=6, keep_soft=True)
@@ -176,7 +176,7 @@ def test_sparse_trie_levels_answer_like_dense_tables(monkeypatch):
 def test_kmeans_on_rows_equals_kmeans_on_the_copied_rows(monkeypatch):
     import recbole_genrec.tokenizer.base as base
 
-    monkeypatch.setattr(base, "_ROWS", 29)
+    monkeypatch.setattr(base, "ROW_CHUNK", 29)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(900, 10, generator=g)
     rows = torch.randperm(900, generator=g)[:500].sort().values

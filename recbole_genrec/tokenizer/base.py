@@ -8,7 +8,7 @@ temperature).
 import torch
 
 _CHUNK_ELEMS = 2**24  # distance matrix chunk: 16M floats (64 MB)
-_ROWS = 1 << 16  # rows gathered at a time by kmeans(rows=...)
+ROW_CHUNK = 1 << 16  # rows gathered or updated at a time (kmeans(rows=...), rq-kmeans' residual update)
 
 
 def sq_distances(x, c):
@@ -93,7 +93,7 @@ def kmeans(x, k, iters=30, generator=None, tol=1e-6, rows=None):
     d = x.shape[1]
     n = x.shape[0] if rows is None else rows.shape[0]
     centers = kmeans_pp_init(x, k, generator, rows=rows)
-    step = _ROWS
+    step = ROW_CHUNK
     if rows is None:
         x_sq = (x * x).sum(1)
     else:

@@ -5,11 +5,9 @@ import time
 
 import torch
 
-from recbole_genrec.tokenizer.base import Tokenizer, kmeans, nearest, soft_assign
+from recbole_genrec.tokenizer.base import ROW_CHUNK, Tokenizer, kmeans, nearest, soft_assign
 from recbole_genrec.tokenizer.collision import row_keys
 from recbole_genrec.utils import progress
-
-_ROWS = 1 << 16  # rows per chunk of the residual update
 
 
 class RQKMeansTokenizer(Tokenizer):
@@ -48,8 +46,8 @@ class RQKMeansTokenizer(Tokenizer):
             if self.keep_soft:
                 soft.append(soft_assign(residual, centers, temperature).cpu())
             if not last:  # in row chunks: no [n, d] gather of the assigned centres
-                for s in range(0, n, _ROWS):
-                    residual[s:s + _ROWS] -= centers[assign[s:s + _ROWS]]
+                for s in range(0, n, ROW_CHUNK):
+                    residual[s:s + ROW_CHUNK] -= centers[assign[s:s + ROW_CHUNK]]
             codes.append(assign.cpu())
             mse.append(temperature)
             self.codebooks.append(centers)

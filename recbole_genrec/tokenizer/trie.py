@@ -38,11 +38,6 @@ class SparseLevel:
 
     dtype = torch.long
 
-    def nbytes(self):
-        """Bytes held by the transition tables and the leaf map."""
-        return sum(c.nbytes() if isinstance(c, SparseLevel) else c.numel() * c.element_size()
-                   for c in self.children) + self.leaf_item.numel() * self.leaf_item.element_size()
-
     def to(self, device):
         return SparseLevel(self.key.to(device), self.num_parents, self.width)
 

@@ -76,7 +76,7 @@ class TieBreakingCollector(Collector):
                                       "deals (report this)")
                 struct[key] = torch.cat(blocks, dim=0)
             else:
-                struct[key] = distributed.gather_rows(blocks, counts)
+                struct[key] = distributed.gather_rows(blocks)
         return struct
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
@@ -151,12 +151,11 @@ class SafeCheckpointMixin:
         finally:
             if self.distributed:
                 config["single_spec"] = False
-        self._synced_optimizers = set()
         self._clip_after_average = None
-        if self.distributed and getattr(self, "enable_scaler", False):
-            raise GenRecError("enable_scaler (fp16 loss scaling) cannot run on several processes: a rank that skips "
-                              "a step would leave the others waiting; use --precision=bf16 or one process")
         if self.distributed:
+            if getattr(self, "enable_scaler", False):
+                raise GenRecError("enable_scaler (fp16 loss scaling) cannot run on several processes: a rank that "
+                                  "skips a step would leave the others waiting; use --precision=bf16 or one process")
             distributed.broadcast_module(self.model)  # every rank starts from rank 0's weights, as with DDP
             self._clip_after_average, self.clip_grad_norm = self.clip_grad_norm, None
         unique = f"{get_local_time()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -229,9 +228,9 @@ class SafeCheckpointMixin:
         """In a multi-process run, average ``optimizer``'s gradients over the ranks before each of its steps
         (then clip them, if ``clip_grad_norm`` is set): what DDP computes, for any set of trained parameters.
         Idempotent; a no-op in a single process."""
-        if not self.distributed or id(optimizer) in self._synced_optimizers:
+        if not self.distributed or getattr(optimizer, "_genrec_averages_gradients", False):
             return
-        self._synced_optimizers.add(id(optimizer))
+        optimizer._genrec_averages_gradients = True  # on the object: a freed optimizer's id can be reused
         model, clip = self.model, self._clip_after_average
 
         def average(opt, args, kwargs):
