@@ -198,12 +198,50 @@ def test_checkpoint_restores_the_codes_it_was_validated_with(tiny_dataset, run_d
     trainer._save_checkpoint(0, verbose=False)
     with torch.no_grad():
         model.rqvae.codebooks.mul_(-1.0).add_(0.3)  # a different tokenizer, as after more tokenizer epochs
-    assert model.refresh_item_ids() > 0
+    changed = model.refresh_item_ids()
+    per_level = model.refresh_log[-1]["changed_per_level"]
+    assert changed > 0 and len(per_level) == saved_codes.shape[1]
+    assert max(per_level) <= changed <= sum(per_level)  # an item counts once however many of its tokens moved
+    assert per_level == [int(c) for c in (model.layout.codes != saved_codes).sum(0)]
     assert not torch.equal(model.layout.codes, saved_codes)
     ckpt = trainer.load_model_weights(trainer.saved_model_file)
     assert torch.equal(model.layout.codes, saved_codes) and torch.equal(model.item_codes, saved_codes)
     assert torch.equal(model.trie_on(model.device).lookup(saved_codes[1:]), torch.arange(1, model.n_items))
     assert "rqvae.codebooks" in ckpt["state_dict"] and set(ckpt["phase_optimizers"]) == {"tokenizer", "recommender"}
+
+
+def test_tokenizer_optimizer_has_its_own_schedule_over_tokenizer_epochs_and_resume_continues_it(
+        tiny_dataset, run_dirs, fake_sids):
+    """Cosine over the tokenizer epochs' steps from learning_rate_tokenizer (as the official ETEGRec code), apart
+    from the recommender's; a resumed run continues both; lr_scheduler_tokenizer=constant keeps the rate."""
+    def cosine(step, warmup, total):
+        return step / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    settings = dict(epochs=4, lr_scheduler="cosine", warmup_steps=1, learning_rate=0.01, learning_rate_tokenizer=0.002)
+    model, trainer, train, _, _ = build(*tiny_dataset, **settings)
+    steps = len(train)
+    tok, rec = trainer.phase_optimizers["tokenizer"], trainer.phase_optimizers["recommender"]
+    trainer._attach_lr_schedule(train)
+    trainer._train_epoch(train, 0)  # tokenizer epoch 1 of 2
+    assert tok.param_groups[0]["lr"] == pytest.approx(0.002 * cosine(steps, 1, 2 * steps))
+    assert rec.param_groups[0]["lr"] == pytest.approx(0.0)  # the recommender's schedule has not stepped
+    trainer._train_epoch(train, 1)  # recommender epoch: the tokenizer's rate does not move
+    assert tok.param_groups[0]["lr"] == pytest.approx(0.002 * cosine(steps, 1, 2 * steps))
+    assert rec.param_groups[0]["lr"] == pytest.approx(0.01 * cosine(steps, 1, 2 * steps))
+    trainer._save_checkpoint(1, verbose=False)
+
+    _, resumed, train2, _, _ = build(*tiny_dataset, **settings)
+    resumed.resume_checkpoint(trainer.saved_model_file)
+    resumed._attach_lr_schedule(train2)
+    resumed._train_epoch(train2, 2)  # the last tokenizer epoch ends the tokenizer's cosine at 0
+    assert resumed.phase_optimizers["tokenizer"].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+    _, constant, train3, _, _ = build(*tiny_dataset, **settings, lr_scheduler_tokenizer="constant")
+    constant._attach_lr_schedule(train3)
+    constant._train_epoch(train3, 0)
+    assert constant.phase_optimizers["tokenizer"].param_groups[0]["lr"] == pytest.approx(0.002)
+    with pytest.raises(GenRecError, match="lr_scheduler_tokenizer must be one of"):
+        build(*tiny_dataset, **settings, lr_scheduler_tokenizer="step")
 
 
 # ---- bad input and end-to-end runs --------------------------------------------------------------------

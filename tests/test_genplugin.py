@@ -57,6 +57,22 @@ def test_info_nce_by_hand_both_directions():
     assert u.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
 
 
+def test_info_nce_leaves_rows_of_the_same_item_or_user_out_of_the_denominator():
+    """Eq. 2-3's negatives are other items / users: a second row of row 0's group is no negative of it."""
+    u = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    v = torch.tensor([[1.0, 1.0], [0.5, -1.0], [2.0, 0.0]])
+    tau = 0.5
+    groups = torch.tensor([7, 3, 7])  # rows 0 and 2: the same item (or user)
+    logits = (u @ v.t()) / tau  # [[2, 1, 4], [4, -4, 0], [4, -1, 6]]
+    by_hand = []
+    for i, allowed in ((0, [0, 1]), (1, [0, 1, 2]), (2, [1, 2])):
+        z = torch.logsumexp(logits[i, allowed], 0)
+        by_hand.append(float(z - logits[i, i]))
+    assert info_nce(u, v, tau, groups).item() == pytest.approx(sum(by_hand) / 3, abs=1e-5)
+    assert info_nce(u, v, tau, torch.arange(3)).item() == pytest.approx(info_nce(u, v, tau).item(), abs=1e-6)
+    assert info_nce(u, v, tau, groups).item() < info_nce(u, v, tau).item()  # fewer (false) negatives here
+
+
 def test_symmetric_kl_zero_for_identical_and_by_hand():
     a = torch.tensor([[[1.0, 2.0, float("-inf")]]])
     assert symmetric_kl(a, a.clone(), 0.85).item() == pytest.approx(0.0, abs=1e-7)
@@ -104,6 +120,28 @@ def test_ssg_p2_one_is_teacher_forcing_in_the_model(tiny_dataset, run_dirs, fake
     model.gp.use_ssg = False
     plain = model.loss_terms(batch)["id"]
     assert guided.item() == pytest.approx(plain.item(), abs=1e-5)
+
+
+def test_ssg_never_replaces_the_start_token_or_the_first_code(tiny_dataset, run_dirs, fake_sids):
+    """Replacement probability 1: every code input from the second on is the language view's substitute; the
+    start token and the first code stay ground truth (as the official loop, which starts at the second label)."""
+    data_path, name = tiny_dataset
+    model, _, (_, train, _, _) = build(data_path, name, ssg_p1=0.0, dropout_rate=0.0)
+    batch = model._sample_prefixes(next(iter(train)))
+    codes = model.target_codes(batch)
+    dec_in = model.layout.decoder_input(codes)
+    logits = torch.randn(dec_in.shape[0], dec_in.shape[1], model.layout.layer_vocab_rows.shape[1])
+    embed = model.backbone.t5.get_decoder().embed_tokens
+    gold = embed(dec_in)
+    embeds, replaced = model.guided_decoder_inputs(dec_in, logits, 1.0)
+    assert replaced.shape == (dec_in.shape[0], dec_in.shape[1] - 2) and bool(replaced.all())
+    assert torch.equal(embeds[:, :2], gold[:, :2])
+    expected = semantic_substitutes(logits[:, 1:-1], model.layout.layer_vocab_rows[1:dec_in.shape[1] - 1],
+                                    embed.weight, model.gp.top_q)
+    assert torch.allclose(embeds[:, 2:], expected)
+    assert not torch.allclose(embeds[:, 2:], gold[:, 2:])
+    kept, none = model.guided_decoder_inputs(dec_in, logits, 0.0)
+    assert torch.equal(kept, gold) and not bool(none.any())
 
 
 # ---- model terms, gradients, ablations ---------------------------------------------------------------

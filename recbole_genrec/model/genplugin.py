@@ -40,19 +40,26 @@ from recbole_genrec.utils import GenRecError, bool_setting, int_setting, number_
 
 
 # ---- losses (pure functions, tested by hand) -------------------------------------------------------------
-def info_nce(u, v, tau):
+def info_nce(u, v, tau, groups=None):
     """One direction of Eq. 1: ``mean_i -log( exp(<u_i, v_i>/tau) / sum_j exp(<u_i, v_j>/tau) )``.
 
-    ``u, v``: ``[N, d]``; row ``i`` of ``v`` is ``u_i``'s positive, every other row a negative (the denominator
-    runs over all ``N`` rows, positive included, as cross-entropy). Inner product, temperature ``tau``.
+    ``u, v``: ``[N, d]``; row ``i`` of ``v`` is ``u_i``'s positive, every row of another group a negative (the
+    denominator runs over the positive and those rows, as cross-entropy). Inner product, temperature ``tau``.
+    ``groups`` ``[N]`` (``None``: every row its own group): rows ``j != i`` of ``i``'s group are left out of the
+    denominator, because Eq. 1-3's negatives are *other* items / users, and RecBole's prefix augmentation puts
+    the same item (in several sequences) and the same user (several prefixes) in one batch many times.
     """
     logits = (u.float() @ v.float().t()) / tau
+    if groups is not None:
+        same = groups[:, None] == groups[None, :]
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
     return F.cross_entropy(logits, torch.arange(u.shape[0], device=u.device))
 
 
-def bidirectional_info_nce(a, b, tau):
-    """Eq. 2 / Eq. 3: ``l(a, b) + l(b, a)`` with :func:`info_nce`."""
-    return info_nce(a, b, tau) + info_nce(b, a, tau)
+def bidirectional_info_nce(a, b, tau, groups=None):
+    """Eq. 2 / Eq. 3: ``l(a, b) + l(b, a)`` with :func:`info_nce` (same ``groups`` both ways)."""
+    return info_nce(a, b, tau, groups) + info_nce(b, a, tau, groups)
 
 
 def symmetric_kl(logits_a, logits_b, phi):
@@ -352,12 +359,8 @@ class GenPluginMixin:
 
         guided = self.ssg_active() and torch.rand(()).item() < 1.0 - gp.p1
         if guided:
-            embed = backbone.t5.get_decoder().embed_tokens
-            gold = embed(dec_in)
-            subs = semantic_substitutes(logits_lan[:, :-1], self.layout.layer_vocab_rows[:codes.shape[1] - 1],
-                                        embed.weight, gp.top_q)
-            mixed, _ = substitute_tokens(gold[:, 1:], subs, 1.0 - gp.p2)
-            hid_id, _ = backbone.decode(None, enc_id, mask, inputs_embeds=torch.cat([gold[:, :1], mixed], 1))
+            embeds, _ = self.guided_decoder_inputs(dec_in, logits_lan, 1.0 - gp.p2)
+            hid_id, _ = backbone.decode(None, enc_id, mask, inputs_embeds=embeds)
         else:
             hid_id, _ = backbone.decode(dec_in, enc_id, mask)
         logits_id = backbone.layer_logits(hid_id)
@@ -365,12 +368,33 @@ class GenPluginMixin:
 
         if gp.use_ssg and gp.kl_weight > 0:
             terms["kl"] = symmetric_kl(logits_lan, logits_id, gp.phi)
-        if gp.use_dsa and gp.item_weight > 0:
+        if gp.use_dsa and gp.item_weight > 0:  # negatives: other items (Eq. 2), not the same item elsewhere
             g = self.item_id_states(enc_id, items.shape[1])  # [B, m, d]
-            terms["item"] = bidirectional_info_nce(enc_lan[item_mask], g[item_mask], gp.tau)
-        if gp.use_dsa and gp.user_weight > 0:
-            terms["user"] = bidirectional_info_nce(masked_mean(enc_lan, item_mask), masked_mean(enc_id, mask), gp.tau)
+            terms["item"] = bidirectional_info_nce(enc_lan[item_mask], g[item_mask], gp.tau, items[item_mask])
+        if gp.use_dsa and gp.user_weight > 0:  # negatives: other users (Eq. 3), not the same user's other prefixes
+            users = interaction[self.USER_ID] if self.USER_ID in interaction else None
+            terms["user"] = bidirectional_info_nce(masked_mean(enc_lan, item_mask), masked_mean(enc_id, mask),
+                                                   gp.tau, users)
         return terms
+
+    def guided_decoder_inputs(self, dec_in, logits_lan, replace_prob, generator=None):
+        """The ID view's decoder input under semantic-substitution guidance (Sec. 3.2).
+
+        ``dec_in [B, P]`` is the teacher-forced input (start token, then the target's codes c_1 .. c_{P-1});
+        each code c_j with j >= 2 is replaced, with probability ``replace_prob`` (= 1 - p2) per token, by the
+        language view's fused top-q embedding for that position (``logits_lan[:, j-1]`` predicted c_j). The
+        start token and the first code c_1 always stay ground truth, as in the official code (its loop starts
+        at the second label): the first codebook is the coarsest choice, where the language view guesses worst.
+        Returns ``(embeds [B, P, d], replaced [B, P - 2])``."""
+        embed = self.backbone.t5.get_decoder().embed_tokens
+        gold = embed(dec_in)
+        P = dec_in.shape[1]
+        if P <= 2:  # a single code: nothing to substitute
+            return gold, torch.zeros(dec_in.shape[0], 0, dtype=torch.bool, device=dec_in.device)
+        subs = semantic_substitutes(logits_lan[:, 1:P - 1], self.layout.layer_vocab_rows[1:P - 1],
+                                    embed.weight, self.gp.top_q)
+        mixed, replaced = substitute_tokens(gold[:, 2:], subs, replace_prob, generator=generator)
+        return torch.cat([gold[:, :2], mixed], 1), replaced
 
     def item_id_states(self, enc_id, m):
         """``g_i`` (Eq. 2): the sum of each history item's L token states, ``[B, T, d] -> [B, m, d]``."""

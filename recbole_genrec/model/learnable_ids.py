@@ -183,9 +183,13 @@ class LearnableTokenizerMixin:
         :meth:`compute_item_ids` on another rank); returns how many items changed ID."""
         if codes is None:
             codes = self.compute_item_ids()
-        changed = int((codes.to(self.item_codes.device) != self.item_codes).any(1).sum())
+        differs = codes.to(self.item_codes.device) != self.item_codes  # [n_items, L]
+        changed = int(differs.any(1).sum())
         self._install_codes(codes)
-        self.refresh_log.append({"epoch": self.epoch, "items_changed": changed})
+        # per token position (codebook levels, then the collision index): the coarse levels are what the
+        # recommender's first decoding steps depend on; the finest level churns most (docs/soda.md#id-churn)
+        self.refresh_log.append({"epoch": self.epoch, "items_changed": changed,
+                                 "changed_per_level": [int(c) for c in differs.sum(0)]})
         return changed
 
     def load_state_dict(self, state_dict, strict=True, assign=False):

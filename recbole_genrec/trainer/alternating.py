@@ -9,7 +9,9 @@ Model-side protocol (what the trainer calls; the model owns which parameters bel
 
 * ``model.phase_parameters(phase) -> list[nn.Parameter]``: the parameters one phase trains; each
   phase gets its own optimizer (``learning_rate_tokenizer`` / ``learning_rate``, weight decay
-  ``weight_decay_tokenizer`` / ``weight_decay``), so Adam moments never mix across phases.
+  ``weight_decay_tokenizer`` / ``weight_decay``), so Adam moments never mix across phases; each has its own
+  learning-rate schedule (``lr_scheduler`` over the recommender epochs' steps, ``lr_scheduler_tokenizer``
+  over the tokenizer epochs' steps), as the official ETEGRec code schedules both.
 * ``model.set_phase(phase, epoch)``: freeze the other phase's parameters (``requires_grad=False``)
   and select the phase's loss in ``calculate_loss``; ``epoch`` lets the model schedule loss weights.
 * ``model.refresh_item_ids() -> int``: re-derive every item's ID from the tokenizer after each
@@ -22,6 +24,7 @@ after a tokenizer epoch the recommender has not yet seen the new IDs). Checkpoin
 optimizer state and the phase; the model's own state dict carries the tokenizer weights and the codes.
 """
 from recbole_genrec import distributed
+from recbole_genrec.trainer.schedule import LRSchedule
 from recbole_genrec.trainer.trainer import Trainer
 from recbole_genrec.utils import GenRecError, int_setting, timed_phase
 
@@ -86,6 +89,12 @@ class AlternatingTrainer(Trainer):
             lr, wd = settings[phase]
             self.phase_optimizers[phase] = self._build_optimizer(params=params, learning_rate=lr, weight_decay=wd)
         self.optimizer = self.phase_optimizers["recommender"]
+        kind = config["lr_scheduler_tokenizer"] if "lr_scheduler_tokenizer" in config else None
+        self.tokenizer_lr_schedule = (self.lr_schedule if kind is None else
+                                      LRSchedule(kind, self.lr_schedule.warmup_steps, self.lr_schedule.warmup_ratio,
+                                                 key="lr_scheduler_tokenizer"))
+        self.tokenizer_lr_scheduler = None
+        self._pending_tokenizer_lr_state = None
         self.phase = None
         self._eval_step = self.eval_step
         self.phase_history = []  # (epoch, phase, items whose ID changed or None)
@@ -96,11 +105,36 @@ class AlternatingTrainer(Trainer):
                            callback_fn=callback_fn)
 
     def _scheduled_optimizer(self):
-        """The learning-rate schedule drives the recommender's optimizer (the tokenizer's keeps its rate)."""
+        """``lr_scheduler`` drives the recommender's optimizer; the tokenizer's has its own (see below)."""
         return self.phase_optimizers["recommender"]
 
     def _scheduled_epochs(self):
         return sum(1 for epoch in range(int(self.epochs)) if self.schedule.phase(epoch) == "recommender")
+
+    def _attach_lr_schedule(self, train_data):
+        """The recommender's schedule (``lr_scheduler``), then the tokenizer's: ``lr_scheduler_tokenizer``
+        (``~``: the same kind and warm-up as ``lr_scheduler``) over the tokenizer epochs' optimizer steps, from
+        ``learning_rate_tokenizer``. The official ETEGRec code schedules both optimizers the same way (warm-up,
+        then cosine decay); a constant tokenizer rate kept moving the tokenizer at full rate to the last cycle
+        (docs/soda.md#id-churn)."""
+        super()._attach_lr_schedule(train_data)
+        if self.tokenizer_lr_schedule.is_noop or self.tokenizer_lr_scheduler is not None:
+            return
+        epochs = sum(1 for epoch in range(int(self.epochs)) if self.schedule.phase(epoch) == "tokenizer")
+        if epochs == 0:
+            return
+        optimizer = self.phase_optimizers["tokenizer"]
+        total = max(1, self._steps_per_epoch(train_data) * epochs)
+        scheduler = self.tokenizer_lr_schedule.build(optimizer, total)
+        if self._pending_tokenizer_lr_state is not None:
+            scheduler.load_state_dict(self._pending_tokenizer_lr_state)
+            self._pending_tokenizer_lr_state = None
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+        self.tokenizer_lr_scheduler = scheduler
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: scheduler.step())
+        self.logger.info(f"lr_scheduler_tokenizer={self.tokenizer_lr_schedule.name}: {total} steps, "
+                         f"{self.tokenizer_lr_schedule.warmup(total)} warm-up steps")
 
     def _enter_phase(self, epoch_idx):
         phase = self.schedule.phase(epoch_idx)
@@ -126,8 +160,11 @@ class AlternatingTrainer(Trainer):
                     changed = int(self.model.refresh_item_ids(codes))
                 else:
                     changed = int(self.model.refresh_item_ids())
+            log = getattr(self.model, "refresh_log", None)
+            levels = (f" (per token position: {log[-1]['changed_per_level']})"
+                      if log and "changed_per_level" in log[-1] else "")
             self.logger.info(f"epoch {epoch_idx}: item IDs refreshed from the tokenizer, "
-                             f"{changed} items changed their ID")
+                             f"{changed} items changed their ID{levels}")
         self.phase_history.append((epoch_idx, phase, changed))
         # RecBole's fit validates when (epoch + 1) % eval_step == 0: skip tokenizer epochs by making
         # that test fail for this epoch only.
@@ -139,9 +176,12 @@ class AlternatingTrainer(Trainer):
         state = super()._checkpoint_state(epoch)
         state["phase"] = self.phase
         state["phase_optimizers"] = {k: opt.state_dict() for k, opt in self.phase_optimizers.items()}
+        state["lr_scheduler_tokenizer"] = (self.tokenizer_lr_scheduler.state_dict()
+                                           if self.tokenizer_lr_scheduler is not None else None)
         return state
 
     def _restore_optimizers(self, checkpoint):
         for phase, state in (checkpoint.get("phase_optimizers") or {}).items():
             if phase in self.phase_optimizers:
                 self.phase_optimizers[phase].load_state_dict(state)
+        self._pending_tokenizer_lr_state = checkpoint.get("lr_scheduler_tokenizer")

@@ -35,10 +35,10 @@ class LRSchedule:
             ``warmup_ratio`` outside ``[0, 1)``.
     """
 
-    def __init__(self, name="constant", warmup_steps=None, warmup_ratio=0.0):
+    def __init__(self, name="constant", warmup_steps=None, warmup_ratio=0.0, key="lr_scheduler"):
         name = "constant" if name is None else str(name).lower()
         if name not in SCHEDULES:
-            raise GenRecError(f"lr_scheduler must be one of {list(SCHEDULES)}, got {name!r}")
+            raise GenRecError(f"{key} must be one of {list(SCHEDULES)}, got {name!r}")
         if warmup_steps is not None and (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int)
                                          or warmup_steps < 0):
             raise GenRecError(f"warmup_steps must be an integer >= 0 or ~, got {warmup_steps!r}")
