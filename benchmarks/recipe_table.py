@@ -2,9 +2,13 @@
 
     python benchmarks/recipe_table.py results/recipe/*.json [--columns=hit@10,ndcg@10,tailhit@10]
 
-Each file is one run (run_recbole_genrec.py --result_file=...); runs of one model (different seeds) are pooled.
+Each file is one run (run_recbole_genrec.py --result_file=...). Files named ``<label>-s<seed>.json`` are pooled by
+``<label>`` (``SODA-T-s2020.json`` and ``SODA-T-s2021.json`` make the row ``SODA-T``, ``SODA-T-woloss-s2020.json``
+the row ``SODA-T-woloss``); other files by their model.
 """
 import json
+import os
+import re
 import sys
 from collections import defaultdict
 
@@ -29,7 +33,8 @@ def main(argv=None):
     for path in files:
         with open(path) as f:
             record = json.load(f)
-        runs[record["model"]].append(record)
+        match = re.fullmatch(r"(.+)-s\d+\.json", os.path.basename(path))
+        runs[match.group(1) if match else record["model"]].append(record)
     print("| model | seeds | " + " | ".join(columns) + " | epochs | fit min |")
     print("|---|---|" + "---:|" * (len(columns) + 2))
     for model, records in runs.items():
