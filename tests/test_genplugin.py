@@ -165,6 +165,13 @@ def test_each_loss_term_is_finite_and_gets_gradients(tiny_dataset, run_dirs, fak
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_lan_loss_weight_scales_only_the_language_token_loss(tiny_dataset, run_dirs, fake_sids):
+    data_path, name = tiny_dataset
+    model, _, _ = build(data_path, name, lan_loss_weight=0.25)
+    terms = {k: torch.tensor(v) for k, v in {"lan": 2.0, "id": 3.0, "item": 5.0, "user": 7.0, "kl": 11.0}.items()}
+    assert model.combine(terms).item() == pytest.approx(0.25 * 2 + 3 + 0.1 * 5 + 0.1 * 7 + 0.5 * 11)
+
+
 def test_ablation_switches_remove_their_terms(tiny_dataset, run_dirs, fake_sids):
     data_path, name = tiny_dataset
     for overrides, absent in (({"use_dsa": False}, {"item", "user"}), ({"use_ssg": False}, {"kl"}),

@@ -129,6 +129,7 @@ class GenPluginSettings:
         self.item_weight = _number(config, "item_cl_weight", 0.1, 0.0, inf)
         self.user_weight = _number(config, "user_cl_weight", 0.1, 0.0, inf)
         self.kl_weight = _number(config, "kl_weight", 0.5, 0.0, inf)
+        self.lan_weight = _number(config, "lan_loss_weight", 1.0, 0.0, inf)
         self.p1 = _number(config, "ssg_p1", 0.5, 0.0, 1.0)
         self.p2 = _number(config, "ssg_p2", 0.8, 0.0, 1.0)
         self.top_q = int_setting(config, "ssg_top_q", 5, 1)
@@ -405,7 +406,8 @@ class GenPluginMixin:
     def combine(self, terms):
         """Eq. 6 from :meth:`loss_terms`' dict."""
         gp = self.gp
-        weights = {"lan": 1.0, "id": 1.0, "item": gp.item_weight, "user": gp.user_weight, "kl": gp.kl_weight}
+        weights = {"lan": gp.lan_weight, "id": 1.0, "item": gp.item_weight, "user": gp.user_weight,
+                   "kl": gp.kl_weight}
         return sum(weights[k] * v for k, v in terms.items())
 
     def calculate_loss(self, interaction):
