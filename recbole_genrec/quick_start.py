@@ -192,6 +192,8 @@ def run_recbole_genrec(model=None, dataset=None, config_file_list=None, config_d
             "valid_eval_seconds": trainer.timings["valid_epoch_seconds"],
             "test_eval_seconds": test_seconds,
             "learning_rate": trainer.timings.get("learning_rate", []),  # after each epoch (with lr_scheduler)
+            "train_loss": trainer.timings.get("train_loss", []),  # per epoch (RecBole's summed batch losses)
+            "valid_scores": trainer.timings.get("valid_scores", []),  # valid_metric at each validation
             "precision": getattr(trainer, "precision", "fp32"),
             "phases": phase_timings(),  # seconds per setup phase (utils.timed_phase; nested phases overlap)
             **peak_memory(),

@@ -144,6 +144,10 @@ def test_train_time_budget_stops_at_an_epoch_boundary_and_tests_the_best_checkpo
     assert set(record["test_result"]) == METRIC_KEYS and os.path.exists(record["checkpoint"])
     unlimited = run_recbole_genrec("SASRec", name, config_dict={**config_dict, "epochs": 2, "train_time_budget": None})
     assert unlimited["timings"]["epochs_trained"] == 2 and unlimited["timings"]["stopped_by_time_budget"] is False
+    # the per-epoch curves: one train loss per epoch, one valid_metric value per validation, the best one reported
+    timings = unlimited["timings"]
+    assert len(timings["train_loss"]) == 2 and all(loss > 0 for loss in timings["train_loss"])
+    assert len(timings["valid_scores"]) == 2 and max(timings["valid_scores"]) == unlimited["best_valid_score"]
 
 
 FAULTS_SCRIPT = """

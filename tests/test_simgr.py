@@ -200,6 +200,7 @@ def test_runs_end_to_end_with_a_causal_lm_directory(tiny_data, tiny_gpt2_dir, ru
     assert record["extras"]["train_examples_last_epoch"] == 40  # one prefix per user per epoch
     assert 0.0 <= record["test_result"]["ndcg@10"] <= 1.0
     assert record["timings"]["epochs_trained"] == 2
+    assert len(record["timings"]["train_loss"]) == 2 and len(record["timings"]["valid_scores"]) == 2
 
 
 def test_causal_lm_pools_the_last_real_token(tiny_data, tiny_gpt2_dir):

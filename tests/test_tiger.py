@@ -149,3 +149,37 @@ class _Cfg(dict):
 
     def __contains__(self, key):
         return dict.__contains__(self, key)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """``gradient_checkpointing: True`` recomputes the blocks in backward (dropout replayed from the saved RNG
+    state): loss and every gradient equal the plain step's; a non-boolean value is a one-line error."""
+    from recbole_genrec.model.seq2seq import Seq2SeqBackbone
+
+    codes = torch.tensor([[0, 0], [1, 2], [0, 1], [2, 0]])
+    layout = SemanticTokenLayout(codes, [3, 4], num_user_tokens=5)
+    base = dict(TINY_TIGER, dropout_rate=0.3, feed_forward_proj="relu", relative_attention_num_buckets=32,
+                relative_attention_max_distance=128, attn_implementation="sdpa")
+    ids = torch.tensor([[3, 7, 2, 6], [0, 5, 8, 4]])
+    target = codes[[1, 3]]
+    results = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        backbone = Seq2SeqBackbone(layout, _Cfg(dict(base, gradient_checkpointing=flag)))
+        backbone.train()
+        t5 = backbone.t5
+        assert (t5.is_activation_checkpointing if hasattr(t5, "is_activation_checkpointing")
+                else t5.is_gradient_checkpointing) == flag
+        torch.manual_seed(1)
+        logits = backbone(ids, ids != 0, layout.decoder_input(target))
+        loss = token_cross_entropy(logits, target)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in backbone.named_parameters()
+                                        if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
+    with pytest.raises(GenRecError, match="gradient_checkpointing must be True or False"):
+        Seq2SeqBackbone(layout, _Cfg(dict(base, gradient_checkpointing="yes")))

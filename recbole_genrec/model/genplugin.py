@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from recbole_genrec import distributed
 from recbole_genrec.model.letter import LETTER
-from recbole_genrec.model.seq2seq import set_dropout_sites, t5_config
+from recbole_genrec.model.seq2seq import set_dropout_sites, set_gradient_checkpointing, t5_config
 from recbole_genrec.model.tiger import TIGER
 from recbole_genrec.trainer import Trainer
 from recbole_genrec.utils import GenRecError, bool_setting, int_setting, number_setting, seconds_setting
@@ -178,8 +178,8 @@ class LanguageSemanticsEncoder(nn.Module):
         cfg = t5_config(2, config)
         cfg.is_encoder_decoder = False
         cfg.use_cache = False
-        self.encoder = set_dropout_sites(
-            T5EncoderModel._from_config(cfg, attn_implementation=config["attn_implementation"]), config)
+        self.encoder = set_gradient_checkpointing(set_dropout_sites(
+            T5EncoderModel._from_config(cfg, attn_implementation=config["attn_implementation"]), config), config)
 
     def forward(self, items, mask):
         """``items [B, m]`` (internal item ids, 0 = padding), ``mask [B, m]`` -> ``[B, m, d_model]``."""

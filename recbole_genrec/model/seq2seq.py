@@ -141,7 +141,27 @@ def build_t5(vocab_size, config):
     t5 = T5ForConditionalGeneration._from_config(t5_config(vocab_size, config),
                                                  attn_implementation=config["attn_implementation"])
     set_dropout_sites(t5, config)
+    set_gradient_checkpointing(t5, config)
     return t5
+
+
+def set_gradient_checkpointing(module, config):
+    """``gradient_checkpointing: True``: every T5 block of ``module`` (a transformers ``PreTrainedModel``) keeps
+    only its inputs in the forward pass and recomputes its activations in the backward pass (transformers'
+    non-reentrant activation checkpointing; the dropout masks are replayed from the saved RNG state, so the gradients equal
+    those without it). Trades peak memory for about one more forward per step. Returns ``module``.
+
+    Raises:
+        GenRecError: ``gradient_checkpointing`` is not a boolean.
+    """
+    from recbole_genrec.utils import bool_setting
+
+    if "gradient_checkpointing" in config and bool_setting(config, "gradient_checkpointing", False):
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return module
 
 
 def _rate(config, key):

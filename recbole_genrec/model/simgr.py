@@ -268,6 +268,7 @@ class SimGRTrainer(Trainer):
         if progress is not None:
             progress.close()
         self.timings["train_epoch_seconds"].append(time.perf_counter() - start)
+        self.timings.setdefault("train_loss", []).append(float(total_loss))
         return total_loss
 
 

@@ -283,6 +283,7 @@ class SafeCheckpointMixin:
         loss_func = self._autocast_loss(loss_func or self.model.calculate_loss)
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
         self.timings["train_epoch_seconds"].append(time.perf_counter() - start)
+        self.timings.setdefault("train_loss", []).append(float(sum(loss) if isinstance(loss, tuple) else loss))
         if self.lr_scheduler is not None:
             self.timings.setdefault("learning_rate", []).append(self.lr_scheduler.get_last_lr()[0])
         return loss
@@ -291,6 +292,7 @@ class SafeCheckpointMixin:
         start = time.perf_counter()
         valid_score, valid_result = super()._valid_epoch(valid_data, show_progress=show_progress)
         self.timings["valid_epoch_seconds"].append(time.perf_counter() - start)
+        self.timings.setdefault("valid_scores", []).append(float(valid_score))
         self.last_valid_result = valid_result
         return valid_score, valid_result
 
