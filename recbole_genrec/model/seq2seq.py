@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from recbole_genrec.utils import GenRecError, bool_setting
+
 PAD_TOKEN = 0
 EOS_TOKEN = 1
 NUM_SPECIAL_TOKENS = 2
@@ -148,14 +150,12 @@ def build_t5(vocab_size, config):
 def set_gradient_checkpointing(module, config):
     """``gradient_checkpointing: True``: every T5 block of ``module`` (a transformers ``PreTrainedModel``) keeps
     only its inputs in the forward pass and recomputes its activations in the backward pass (transformers'
-    non-reentrant activation checkpointing; the dropout masks are replayed from the saved RNG state, so the gradients equal
-    those without it). Trades peak memory for about one more forward per step. Returns ``module``.
+    non-reentrant activation checkpointing; the dropout masks are replayed from the saved RNG state, so the
+    gradients equal those without it). Trades peak memory for about one more forward per step. Returns ``module``.
 
     Raises:
         GenRecError: ``gradient_checkpointing`` is not a boolean.
     """
-    from recbole_genrec.utils import bool_setting
-
     if "gradient_checkpointing" in config and bool_setting(config, "gradient_checkpointing", False):
         if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x's name
             module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -169,8 +169,6 @@ def _rate(config, key):
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        from recbole_genrec.utils import GenRecError
-
         raise GenRecError(f"{key} must be a number in [0, 1) or ~ (= dropout_rate), got {value!r}")
     return float(value)
 
