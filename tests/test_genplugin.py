@@ -188,8 +188,7 @@ def test_language_encoder_follows_the_backbone_size_keys_of_the_cpu_recipe(tiny_
     from pathlib import Path
 
     recipe = Path(__file__).resolve().parent.parent / "properties" / "recipe" / "cpu.yaml"
-    if not recipe.is_file():
-        pytest.skip("properties/recipe/cpu.yaml not present")
+    assert recipe.is_file(), "properties/recipe/cpu.yaml ships with the package"
     data_path, name = tiny_dataset
     sizes = ("d_model", "d_ff", "num_heads", "d_kv", "num_encoder_layers", "num_decoder_layers")
     config = load_config("TIGER++", name, config_file_list=[str(recipe)], config_dict=tiny_config_dict(
