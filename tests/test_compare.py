@@ -42,6 +42,8 @@ def test_recipe_refinements_follow_the_model_yaml_chain(tiny_dataset, run_dirs):
     tigerpp = load_config("TIGER++", name, config_dict={**base, "recipe": "cpu"})
     letterpp = load_config("LETTER++", name, config_dict={**base, "recipe": "cpu"})
     soda_e = load_config("SODA-E", name, config_dict={**base, "recipe": "cpu"})  # inherits ETEGRec's file
+    twt = load_config("TokenWeightedTIGER", name, config_dict={**base, "recipe": "cpu"})
+    assert twt["curriculum_c"] == 6.6e-4 and twt["epochs"] == 12  # curriculum scaled to the recipe's steps
     assert tiger["epochs"] == 12 and tigerpp["d_model"] == tiger["d_model"] == 64
     assert tigerpp["ssg_start_epoch"] == letterpp["ssg_start_epoch"] == 2 and tigerpp["rar_epochs"] == 4
     assert soda_e["epochs"] == 24 and soda_e["recipe_file"].endswith("cpu/ETEGRec.yaml")
